@@ -1,0 +1,46 @@
+"""velo_scale: VeLO, the versatile learned optimizer, for large-model training.
+
+Public API:
+  velo                   the optax transformation (`update(..., loss=loss)`)
+  load_weights           read the official `params` file (path, URL or default)
+  save_weights           write meta-parameters in the same format
+  init_weights           random meta-parameters of a given architecture
+  Architecture           sizes of the VeLO network
+"""
+
+from velo_scale._src.state import (
+    AccumulationState,
+    FactoredState,
+    LossBufferState,
+    VeLOState,
+)
+from velo_scale._src.velo import velo, velo_step
+from velo_scale._src.weights import (
+    OFFICIAL_WEIGHTS_BYTES,
+    OFFICIAL_WEIGHTS_URL,
+    Architecture,
+    WeightsError,
+    default_cache_path,
+    init_weights,
+    load_weights,
+    save_weights,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccumulationState",
+    "Architecture",
+    "FactoredState",
+    "LossBufferState",
+    "OFFICIAL_WEIGHTS_BYTES",
+    "OFFICIAL_WEIGHTS_URL",
+    "VeLOState",
+    "WeightsError",
+    "default_cache_path",
+    "init_weights",
+    "load_weights",
+    "save_weights",
+    "velo",
+    "velo_step",
+]

@@ -1,0 +1,1 @@
+"""Implementation of velo_scale. Import from `velo_scale`, not from here."""

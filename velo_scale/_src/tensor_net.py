@@ -1,0 +1,133 @@
+"""Per-tensor network of VeLO: per-tensor features, mixing layer, LSTM, heads.
+
+Each parameter tensor contributes one row of 30 features (paper App. B.3):
+the tanh embedding of the fraction of training done (9), the loss features (9),
+log-scaled statistics of the previous momentum and rms (7) and a one-hot of
+the tensor's rank (5). The rows pass a mixing layer (a per-tensor projection
+plus the max over all tensors of a relu projection) and a per-tensor LSTM
+whose new hidden state is read by two linear heads: 256 control weights that
+mix the per-parameter MLP bank, and a step-size multiplier `lr_mult`.
+
+The per-tensor statistics are means over whole tensors, so on a sharded
+parameter they cost one small all-reduce; everything after them runs on an
+`[n_tensors, 30]` matrix, replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NUM_TENSOR_FEATURES = 30
+_TIME_EMBED_TIMESCALES = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
+_RANK_ONE_HOT = 5
+# Full float32 matmuls so that GPU/TPU agree with the CPU reference.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def fraction_embedding(fraction_trained: jax.Array) -> jax.Array:
+    """f32[9], `tanh(10 * (x - t))` for the 9 timescales t."""
+    t = jnp.asarray(_TIME_EMBED_TIMESCALES, jnp.float32)
+    return jnp.tanh((fraction_trained - t) * 10)
+
+
+def _clip_log_abs(v: jax.Array) -> jax.Array:
+    return jnp.clip(jnp.log(1e-8 + jnp.abs(v * 10.0)), -5, 5) * 0.5
+
+
+def rank_one_hot(shape: Sequence[int]) -> np.ndarray:
+    """f32[5], one-hot of the number of axes of size > 1 (zeros for >= 5)."""
+    rank = int(np.sum(np.asarray(shape) > 1))
+    return np.eye(_RANK_ONE_HOT, dtype=np.float32)[rank] if rank < 5 else np.zeros(
+        _RANK_ONE_HOT, np.float32
+    )
+
+
+def tensor_statistics(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
+    """f32[7] log-scaled statistics of one tensor's previous state.
+
+    Args:
+      p: f32[*s], previous parameter value.
+      m: f32[*s, 3], previous momentum.
+      v: f32[*s, 1], previous rms.
+
+    Returns:
+      `[mean_rms (1), var_m (3), var_rms (3)]`, each `0.5 * clip(log(1e-8 +
+      |10 x|), -5, 5)` of the statistic of p, m, v scaled by
+      `rsqrt(max(1e-9, mean(p**2)))`. Means are over all axes of the tensor.
+    """
+    norm = jax.lax.rsqrt(jnp.maximum(1e-9, jnp.mean(p * p)))
+    m = m * norm
+    v = v * norm
+    axes = tuple(range(p.ndim))
+    mean_m = jnp.mean(m, axis=axes, keepdims=True)
+    var_m = jnp.mean(jnp.square(m - mean_m), axis=axes)
+    mean_rms = jnp.mean(v, axis=axes)
+    # Quirk kept for the pretrained weights: var_rms is centred on the momentum
+    # mean (3 channels), which also makes the feature 3 wide instead of 1.
+    var_rms = jnp.mean(jnp.square(v - mean_m), axis=axes)
+    return jnp.concatenate(
+        [_clip_log_abs(mean_rms), _clip_log_abs(var_m), _clip_log_abs(var_rms)]
+    )
+
+
+def assemble_features(
+    stats: jax.Array,
+    ranks: np.ndarray,
+    fraction_trained: jax.Array,
+    loss_features: jax.Array,
+) -> jax.Array:
+    """f32[n, 30] LSTM inputs, features concatenated in alphabetical order.
+
+    Args:
+      stats: f32[n, 7] from `tensor_statistics`.
+      ranks: f32[n, 5] rank one-hots.
+      fraction_trained: f32[] iteration / N (pre-increment iteration).
+      loss_features: f32[9].
+    """
+    n = stats.shape[0]
+    # fraction_left, loss_features, mean_rms, rank, var_m, var_rms.
+    time = jnp.broadcast_to(fraction_embedding(fraction_trained), (n, 9))
+    loss = jnp.broadcast_to(loss_features, (n, 9))
+    return jnp.concatenate(
+        [time, loss, stats[:, :1], jnp.asarray(ranks), stats[:, 1:4], stats[:, 4:7]],
+        axis=1,
+    )
+
+
+def _linear(params: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
+    return jnp.dot(x, params["w"], precision=_HIGHEST) + params["b"]
+
+
+def apply(
+    rnn_params: Mapping[str, Any],
+    features: jax.Array,
+    hidden: jax.Array,
+    cell: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Mixing layer, LSTM step and heads.
+
+    Args:
+      rnn_params: the checkpoint's `rnn_params` dict.
+      features: f32[n, 30] per-tensor features.
+      hidden, cell: f32[n, H] LSTM state.
+
+    Returns:
+      (control_params f32[n, K], lr_mult f32[n], hidden f32[n, H],
+      cell f32[n, H]).
+    """
+    # Quirk kept for the pretrained weights: the reference computes
+    # relu(linear(x)) and overwrites it, so `linear` has no effect; `linear_1`
+    # is the mixing layer and `linear_2` the per-tensor projection.
+    mixed = jnp.max(jax.nn.relu(_linear(rnn_params["linear_1"], features)), axis=0)
+    x = _linear(rnn_params["linear_2"], features) + mixed[None, :]
+    gates = _linear(rnn_params["rnn/linear"], jnp.concatenate([x, hidden], axis=1))
+    i, g, f, o = jnp.split(gates, 4, axis=1)
+    cell = jax.nn.sigmoid(f + 1) * cell + jax.nn.sigmoid(i) * jnp.tanh(g)
+    hidden = jax.nn.sigmoid(o) * jnp.tanh(cell)
+    controls = _linear(rnn_params["rnn_to_controls"], hidden)
+    lr_mult = _linear(rnn_params["step_size"], hidden)[:, 0]
+    return controls, lr_mult, hidden, cell
