@@ -24,7 +24,7 @@ def _require(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_theta():
     import velo_scale
 

@@ -30,7 +30,7 @@ TOL = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case(name):
     return Case(name)
 
@@ -61,7 +61,7 @@ def run_case(case: Case, theta, jit: bool = True):
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trajectory(name):
     return run_case(_case(name), reference_data.load_theta())
 
@@ -142,7 +142,9 @@ def test_state_every_step(name):
         assert int(state.loss_buffer.iteration) == int(
             case[f"{s}/state/loss_buffer/iteration"]
         )
-        np.testing.assert_allclose(state.lstm_hidden, case[f"{s}/lstm_h"], **TOL["lstm"])
+        np.testing.assert_allclose(
+            state.lstm_hidden, case[f"{s}/lstm_h"], **TOL["lstm"]
+        )
         np.testing.assert_allclose(state.lstm_cell, case[f"{s}/lstm_c"], **TOL["lstm"])
 
 
@@ -177,16 +179,21 @@ def test_accumulation_matches_reference_horizon(theta):
     """num_steps > max_training_steps: each golden gradient given twice equals
     one reference step with horizon num_steps // 2 (the `horizon` case)."""
     case = _case("horizon")
-    tx = velo_scale.velo(2 * case.num_steps, weights=theta, max_training_steps=case.num_steps)
+    tx = velo_scale.velo(
+        2 * case.num_steps, weights=theta, max_training_steps=case.num_steps
+    )
     params = case.params(0)
     state = tx.init(params)
     assert int(state.num_steps) == case.num_steps
-    update = jax.jit(lambda g, s, p, l: tx.update(g, s, p, loss=l))
+    update = jax.jit(lambda g, s, p, loss: tx.update(g, s, p, loss=loss))
     for k in range(1, case.steps + 1):
         for call in range(2):
             updates, state = update(case.grads(k), state, params, case.losses[k - 1])
             if call == 0:
-                assert all(np.all(np.asarray(u) == 0) for u in jax.tree_util.tree_leaves(updates))
+                assert all(
+                    np.all(np.asarray(u) == 0)
+                    for u in jax.tree_util.tree_leaves(updates)
+                )
             params = optax.apply_updates(params, updates)
         _assert_tree_close(params, case, f"step{k}/params", TOL["params"], f"acc {k}")
         assert int(state.iteration) == k

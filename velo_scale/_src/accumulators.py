@@ -8,7 +8,7 @@ No bias correction is applied anywhere (paper App. B).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -15,7 +15,8 @@ parameter they cost one small all-reduce; everything after them runs on an
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,10 @@ def _clip_log_abs(v: jax.Array) -> jax.Array:
 def rank_one_hot(shape: Sequence[int]) -> np.ndarray:
     """f32[5], one-hot of the number of axes of size > 1 (zeros for >= 5)."""
     rank = int(np.sum(np.asarray(shape) > 1))
-    return np.eye(_RANK_ONE_HOT, dtype=np.float32)[rank] if rank < 5 else np.zeros(
-        _RANK_ONE_HOT, np.float32
+    return (
+        np.eye(_RANK_ONE_HOT, dtype=np.float32)[rank]
+        if rank < 5
+        else np.zeros(_RANK_ONE_HOT, np.float32)
     )
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,6 @@ from velo_scale._src import weights as weights_lib
 from velo_scale._src.state import (
     AccumulationState,
     FactoredState,
-    LossBufferState,
     VeLOState,
 )
 
@@ -88,6 +88,15 @@ def _check_loss(loss: Any) -> jax.Array:
     return loss.astype(jnp.float32)
 
 
+def _check_structure(grads: Any, params: Any) -> None:
+    g, p = jax.tree_util.tree_structure(grads), jax.tree_util.tree_structure(params)
+    if g != p:
+        raise ValueError(
+            "VeLO's gradients and params must have the same tree structure; got "
+            f"grads {g} and params {p}."
+        )
+
+
 def init_state(
     theta: Mapping[str, Any],
     params: Any,
@@ -107,15 +116,15 @@ def init_state(
     n = len(leaves)
     # Quirk kept for the pretrained weights: the LSTM starts from the
     # checkpoint's (learned) initial state, tiled over tensors.
-    hidden = jnp.broadcast_to(jnp.asarray(init["hidden"], jnp.float32), (n, hidden_size))
+    hidden = jnp.broadcast_to(
+        jnp.asarray(init["hidden"], jnp.float32), (n, hidden_size)
+    )
     cell = jnp.broadcast_to(jnp.asarray(init["cell"], jnp.float32), (n, hidden_size))
     tmap = jax.tree_util.tree_map
     factored = tmap(accumulators.init_factored, params)
     treedef = jax.tree_util.tree_structure(params)
     fac_leaves = treedef.flatten_up_to(factored) if n else []
-    row, col, diag = (
-        treedef.unflatten([f[i] for f in fac_leaves]) for i in range(3)
-    )
+    row, col, diag = (treedef.unflatten([f[i] for f in fac_leaves]) for i in range(3))
     accumulation = None
     if accumulate > 1:
         accumulation = AccumulationState(
@@ -282,7 +291,9 @@ def velo(
             f"steps); got {num_steps!r}."
         )
     if max_training_steps < 1:
-        raise ValueError(f"max_training_steps must be >= 1; got {max_training_steps!r}.")
+        raise ValueError(
+            f"max_training_steps must be >= 1; got {max_training_steps!r}."
+        )
     for name, value in (
         ("weight_decay", weight_decay),
         ("decoupled_weight_decay", decoupled_weight_decay),
@@ -309,9 +320,12 @@ def velo(
             raise ValueError(MISSING_PARAMS_MSG)
         loss = _check_loss(loss)
         grads = updates
+        _check_structure(grads, params)
         if weight_decay:
             grads = jax.tree_util.tree_map(
-                lambda g, p: g.astype(jnp.float32) + weight_decay * p.astype(jnp.float32),
+                lambda g, p: (
+                    g.astype(jnp.float32) + weight_decay * p.astype(jnp.float32)
+                ),
                 grads,
                 params,
             )
@@ -332,7 +346,9 @@ def velo(
                 params,
             )
         new_updates = jax.tree_util.tree_map(
-            lambda u, p: jnp.asarray(u).astype(jnp.asarray(p).dtype), new_updates, params
+            lambda u, p: jnp.asarray(u).astype(jnp.asarray(p).dtype),
+            new_updates,
+            params,
         )
         return new_updates, state
 
@@ -352,10 +368,14 @@ def _accumulating_step(step_fn, accumulate, state, grads, params, loss):
     def apply(_):
         mean_grads = jax.tree_util.tree_map(lambda s: s / accumulate, grad_sum)
         updates, new_state = step_fn(state, mean_grads, params, loss_sum / accumulate)
-        reset = AccumulationState(zeros, jnp.zeros_like(loss_sum), jnp.zeros_like(count))
+        reset = AccumulationState(
+            zeros, jnp.zeros_like(loss_sum), jnp.zeros_like(count)
+        )
         return updates, new_state._replace(accumulation=reset)
 
     def wait(_):
-        return zeros, state._replace(accumulation=AccumulationState(grad_sum, loss_sum, count))
+        return zeros, state._replace(
+            accumulation=AccumulationState(grad_sum, loss_sum, count)
+        )
 
     return jax.lax.cond(count >= accumulate, apply, wait, None)

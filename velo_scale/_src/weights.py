@@ -27,7 +27,8 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import msgpack
@@ -112,7 +113,7 @@ class Architecture:
         return shapes
 
     @classmethod
-    def of(cls, theta: Mapping[str, Any]) -> "Architecture":
+    def of(cls, theta: Mapping[str, Any]) -> Architecture:
         """Infers the sizes from a theta dict (validate with `validate`)."""
         try:
             bank = theta["ff_mod_stack"]["~"]
@@ -130,7 +131,9 @@ class Architecture:
             ) from None
 
 
-def validate(theta: Mapping[str, Any], architecture: Architecture | None = None) -> None:
+def validate(
+    theta: Mapping[str, Any], architecture: Architecture | None = None
+) -> None:
     """Checks every key and shape of theta; raises `WeightsError` on the first
     mismatch, naming the key path."""
     architecture = architecture or Architecture.of(theta)
@@ -149,9 +152,11 @@ def validate(theta: Mapping[str, Any], architecture: Architecture | None = None)
                 f"VeLO weights key {name} has shape {got}, but {architecture} "
                 f"needs {shape}."
             )
-        dtype = np.asarray(found[path]).dtype if not hasattr(
-            found[path], "dtype"
-        ) else found[path].dtype
+        dtype = (
+            np.asarray(found[path]).dtype
+            if not hasattr(found[path], "dtype")
+            else found[path].dtype
+        )
         if dtype != np.float32:
             raise WeightsError(
                 f"VeLO weights key {name} has dtype {dtype}; the format stores float32."
@@ -197,7 +202,12 @@ def _default(obj):
 def _decode(data: bytes, source: str) -> tuple[Theta, str, int]:
     try:
         root = msgpack.unpackb(data, ext_hook=_ext_hook, strict_map_key=False)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+    except (
+        ValueError,
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+    ) as e:
         raise WeightsError(
             f"{source} is not a valid VeLO weights file ({len(data):,} bytes; "
             f"msgpack error: {e}). The official file has "
@@ -246,7 +256,9 @@ def weights_from_bytes(
     return theta
 
 
-def weights_to_bytes(theta: Mapping[str, Any], *, gen_id: str = "", step: int = 0) -> bytes:
+def weights_to_bytes(
+    theta: Mapping[str, Any], *, gen_id: str = "", step: int = 0
+) -> bytes:
     """Encodes theta in the official format (leaves in on-disk order)."""
     architecture = Architecture.of(theta)
     validate(theta, architecture)
@@ -309,7 +321,11 @@ def load_weights(
 
 
 def save_weights(
-    path: str | os.PathLike, theta: Mapping[str, Any], *, gen_id: str = "", step: int = 0
+    path: str | os.PathLike,
+    theta: Mapping[str, Any],
+    *,
+    gen_id: str = "",
+    step: int = 0,
 ) -> None:
     """Writes theta in the official format, atomically (temp file + rename)."""
     _atomic_write(pathlib.Path(path), weights_to_bytes(theta, gen_id=gen_id, step=step))
@@ -353,7 +369,9 @@ def _resolve_default() -> tuple[bytes, str]:
     return data, str(cached)
 
 
-def _download(url: str, *, expected_bytes: int | None = None, timeout: float = 30.0) -> bytes:
+def _download(
+    url: str, *, expected_bytes: int | None = None, timeout: float = 30.0
+) -> bytes:
     """Downloads url; raises `WeightsError` with set-up help on failure."""
     help_args = dict(
         name=OFFICIAL_WEIGHTS_NAME,
@@ -384,7 +402,9 @@ def sha256(theta: Mapping[str, Any]) -> str:
     return hashlib.sha256(weights_to_bytes(theta)).hexdigest()
 
 
-def init_weights(key: jax.Array, architecture: Architecture | None = None, **sizes) -> Theta:
+def init_weights(
+    key: jax.Array, architecture: Architecture | None = None, **sizes
+) -> Theta:
     """Random meta-parameters with the structure of the official weights.
 
     Initialisers follow the reference: truncated normals with stddev
@@ -413,7 +433,9 @@ def init_weights(key: jax.Array, architecture: Architecture | None = None, **siz
         else:
             if path[0] == "ff_mod_stack":
                 fan_in = (
-                    param_net.NUM_PARAM_FEATURES if name.startswith("w0__") else shape[1]
+                    param_net.NUM_PARAM_FEATURES
+                    if name.startswith("w0__")
+                    else shape[1]
                 )
             else:
                 fan_in = shape[0]

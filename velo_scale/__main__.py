@@ -1,0 +1,5 @@
+import sys
+
+from velo_scale.cli import main
+
+sys.exit(main())
