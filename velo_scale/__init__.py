@@ -6,8 +6,15 @@ Public API:
   save_weights           write meta-parameters in the same format
   init_weights           random meta-parameters of a given architecture
   Architecture           sizes of the VeLO network
+  state_partition_specs  PartitionSpecs of the state, derived from the params'
+  state_shardings        the same as NamedShardings on a mesh
 """
 
+from velo_scale._src.sharding import (
+    ShardingError,
+    state_partition_specs,
+    state_shardings,
+)
 from velo_scale._src.state import (
     AccumulationState,
     FactoredState,
@@ -35,12 +42,15 @@ __all__ = [
     "LossBufferState",
     "OFFICIAL_WEIGHTS_BYTES",
     "OFFICIAL_WEIGHTS_URL",
+    "ShardingError",
     "VeLOState",
     "WeightsError",
     "default_cache_path",
     "init_weights",
     "load_weights",
     "save_weights",
+    "state_partition_specs",
+    "state_shardings",
     "velo",
     "velo_step",
 ]

@@ -87,7 +87,8 @@ def init_factored(p: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return tuple(jnp.zeros(s, jnp.float32) for s in factored_shapes(p.shape))
 
 
-def _safe_rsqrt(x: jax.Array) -> jax.Array:
+def safe_rsqrt(x: jax.Array) -> jax.Array:
+    """`rsqrt(max(x, 1e-9))`."""
     return jax.lax.rsqrt(jnp.maximum(x, 1e-9))
 
 
@@ -103,34 +104,29 @@ def factored_factors(
     d1, d0 = dims
     reduced_d1 = d1 - 1 if d1 > d0 else d1
     row_col_mean = jnp.mean(v_row, axis=reduced_d1, keepdims=True)
-    row_factor = _safe_rsqrt(v_row / (row_col_mean + 1e-9))
-    col_factor = _safe_rsqrt(v_col)
+    row_factor = safe_rsqrt(v_row / (row_col_mean + 1e-9))
+    col_factor = safe_rsqrt(v_col)
     return jnp.expand_dims(row_factor, d0), jnp.expand_dims(col_factor, d1)
 
 
 def update_factored(
     v_row: jax.Array, v_col: jax.Array, v_diag: jax.Array, g: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Updates the adafactor accumulators and preconditions g with them.
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Updates the adafactor accumulators (v_row, v_col, v_diag) with g.
 
     Args:
       v_row, v_col, v_diag: accumulators from `init_factored`.
-      g: f32 gradient (already clipped), any shape.
+      g: f32 gradient (already clipped), rank >= 1.
 
     Returns:
-      (v_row, v_col, v_diag, fac_g) where fac_g is f32[*g.shape, 3], the
-      gradient preconditioned by each decay's accumulator.
+      The updated (v_row, v_col, v_diag); the unused ones pass through.
     """
     d = _decays(ADAFACTOR_DECAYS)
     grad_sqr = g * g + ADAFACTOR_EPSILON
     dims = factored_dims(g.shape)
     if dims is None:
-        v_diag = d * v_diag + (1 - d) * grad_sqr[..., None]
-        fac_g = g[..., None] * _safe_rsqrt(v_diag + 1e-9)
-        return v_row, v_col, v_diag, fac_g
+        return v_row, v_col, d * v_diag + (1 - d) * grad_sqr[..., None]
     d1, d0 = dims
     v_row = d * v_row + (1 - d) * jnp.mean(grad_sqr, axis=d0)[..., None]
     v_col = d * v_col + (1 - d) * jnp.mean(grad_sqr, axis=d1)[..., None]
-    row_factor, col_factor = factored_factors(v_row, v_col, dims)
-    fac_g = g[..., None] * row_factor * col_factor
-    return v_row, v_col, v_diag, fac_g
+    return v_row, v_col, v_diag

@@ -2,23 +2,33 @@
 
 For every parameter tensor the MLP weights are the control-weighted mix of a
 bank of K stacked MLPs (`ff_mod_stack`): `W = 100 * mean_k(c_k * W_k)` with
-`c` the tensor's row of `control_params`. The MLP reads 14 groups of
-per-parameter features (30 channels), each normalised by its second moment
-over the tensor, has relu hidden layers, and outputs a direction d and a
-magnitude a per parameter:
+`c` the tensor's row of `control_params`. The MLP reads 30 per-parameter
+feature channels in 14 groups (see `feature_channels`), each channel
+normalised by its root mean square over the tensor, has relu hidden layers,
+and outputs a direction d and a magnitude a per parameter:
 
     step = d * exp(0.001 * a) * 0.001 * lr_mult * sqrt(mean(p**2) + 1e-9)
 
 The update returned is `-step`.
+
+Written for memory bandwidth, not for reading like the reference: the
+normaliser of each channel is folded into the first layer's weights (a [30, F]
+matrix per tensor), and the MLP is spelled as scalar-weighted sums of
+parameter-shaped arrays, so XLA fuses feature computation, all layers and the
+step into one elementwise pass without materialising the 30 channels. The
+row/column channels are normalised from their (small) factored vectors. The
+only cross-element work is a handful of per-tensor means, which on a sharded
+tensor are small all-reduces.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from velo_scale._src import accumulators
 
@@ -29,6 +39,7 @@ NUM_OUTPUTS = 3
 EXP_MULT = 0.001
 STEP_MULT = 0.001
 _BANK_SCALE = 100.0
+_NORMALISER_EPS = 1e-5
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -59,118 +70,197 @@ def mix_bank(
     return out
 
 
-def _normalise(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    return x * jax.lax.rsqrt(1e-5 + jnp.mean(jnp.square(x), axis=axes, keepdims=True))
+class Accumulators(NamedTuple):
+    """One tensor's accumulators (see `state.VeLOState`)."""
+
+    m: jax.Array  # f32[*s, 3]
+    v: jax.Array  # f32[*s, 1]
+    v_row: jax.Array
+    v_col: jax.Array
+    v_diag: jax.Array
 
 
-def input_groups(
-    p: jax.Array,
-    g: jax.Array,
-    m: jax.Array,
-    v: jax.Array,
-    fac_g: jax.Array,
-    v_row: jax.Array,
-    v_col: jax.Array,
-    v_diag: jax.Array,
-    factored: tuple[int, int] | None,
-) -> list[jax.Array]:
-    """The 14 feature groups, each f32[*p.shape, c_i], before normalisation.
+def mean_squares(xs: list[jax.Array]) -> list[jax.Array]:
+    """`mean(x**2)` of each channel over the tensor.
+
+    A channel broadcast along some axes (the factored row/column channels) has
+    the mean square of its own smaller array, so it is reduced at that size.
+    """
+    return [jnp.mean(jnp.square(x)) for x in xs]
+
+
+def feature_channels(
+    p: jax.Array, g: jax.Array, acc: Accumulators
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """The 30 input channels of the MLP and their mean squares.
+
+    Channel order (group: channels): 0 g; 1 clip(g, +-0.1); 2 p; 3 m (3);
+    4 v; 5 m * rsqrt(v + 1e-6) (3); 6 rsqrt(v + 1e-6); 7 adafactor-
+    preconditioned g (3); 8 g * rsqrt(v + 1e-6); 9 row accumulator (3);
+    10 column accumulator (3); 11 rsqrt(row + 1e-8) (3); 12 rsqrt(col + 1e-8)
+    (3); 13 m times the adafactor factors (3). For scalars and vectors, 9/10
+    are both the diagonal accumulator, 11/12 its rsqrt(. + 1e-8) and 13
+    `m * diag**-0.5`.
+
+    Args:
+      p: f32[*s] previous params, g: f32[*s] clipped gradient (rank >= 1).
+      acc: the *updated* accumulators.
+
+    Returns:
+      (channels, mean_squares): 30 arrays broadcastable to `s`, and 30 f32
+      scalars, the mean over the tensor of each channel squared.
+    """
+    m = [acc.m[..., i] for i in range(acc.m.shape[-1])]
+    v = acc.v[..., 0]
+    rsqrt_v = jax.lax.rsqrt(v + 1e-6)
+    chans = [g, jnp.clip(g, -0.1, 0.1), p, *m, v]
+    chans += [mi * rsqrt_v for mi in m]
+    chans += [rsqrt_v]
+    dims = accumulators.factored_dims(p.shape)
+    if dims is None:
+        diag = [acc.v_diag[..., i] for i in range(acc.v_diag.shape[-1])]
+        chans += [g * accumulators.safe_rsqrt(di + 1e-9) for di in diag]
+        chans += [g * rsqrt_v]
+        diag_rsqrt = [jax.lax.rsqrt(di + 1e-8) for di in diag]
+        # Quirk kept for the pretrained weights: vectors feed the diagonal
+        # accumulator to both the row and column slots, and no epsilon in **-0.5.
+        chans += diag + diag + diag_rsqrt + diag_rsqrt
+        chans += [mi * di**-0.5 for mi, di in zip(m, diag)]
+        return chans, mean_squares(chans)
+
+    d1, d0 = dims
+    row_factor, col_factor = accumulators.factored_factors(acc.v_row, acc.v_col, dims)
+    factor = [row_factor[..., i] * col_factor[..., i] for i in range(len(m))]
+    chans += [g * f for f in factor]
+    chans += [g * rsqrt_v]
+    rows = [jnp.expand_dims(acc.v_row[..., i], d0) for i in range(len(m))]
+    cols = [jnp.expand_dims(acc.v_col[..., i], d1) for i in range(len(m))]
+    vectors = rows + cols + [jax.lax.rsqrt(r + 1e-8) for r in rows]
+    vectors += [jax.lax.rsqrt(c + 1e-8) for c in cols]
+    chans += vectors
+    chans += [mi * f for mi, f in zip(m, factor)]
+    return chans, mean_squares(chans)
+
+
+class Prepared(NamedTuple):
+    """One tensor after the per-parameter accumulator update (phase A).
+
+    Attributes:
+      p: f32[*s] previous params (scalars as shape (1,)).
+      chans: the 30 feature channels (`feature_channels`), lazy expressions.
+      mean_sq: f32[30] mean over the tensor of each channel squared.
+    """
+
+    p: jax.Array
+    chans: list[jax.Array]
+    mean_sq: jax.Array
+
+
+def prepare(
+    p: jax.Array, g: jax.Array, acc: Accumulators
+) -> tuple[Prepared, Accumulators]:
+    """Updates one tensor's accumulators and computes its feature statistics.
 
     Args:
       p: f32[*s] previous params; g: f32[*s] clipped gradient.
-      m, v, fac_g, v_row, v_col, v_diag: the updated accumulators and the
-        adafactor-preconditioned gradient (see `accumulators`).
-      factored: `factored_dims(s)` or None.
+      acc: the previous accumulators.
+
+    Returns:
+      (`Prepared`, the updated accumulators in the tensor's own shapes).
     """
-    rsqrt_v = jax.lax.rsqrt(v + 1e-6)
-    g1 = g[..., None]
-    groups = [
-        g1,
-        jnp.clip(g1, -0.1, 0.1),
-        p[..., None],
-        m,
-        v,
-        m * rsqrt_v,
-        rsqrt_v,
-        fac_g,
-        g1 * rsqrt_v,
-    ]
-    full = p.shape + (m.shape[-1],)
-    if factored is None:
-        diag_rsqrt = jax.lax.rsqrt(v_diag + 1e-8)
-        # Quirk kept for the pretrained weights: vectors feed the diagonal
-        # accumulator to both the row and column slots, and no epsilon in **-0.5.
-        groups += [v_diag, v_diag, diag_rsqrt, diag_rsqrt, m * v_diag**-0.5]
-        return groups
-    d1, d0 = factored
-    row = jnp.broadcast_to(jnp.expand_dims(v_row, d0), full)
-    col = jnp.broadcast_to(jnp.expand_dims(v_col, d1), full)
-    row_factor, col_factor = accumulators.factored_factors(v_row, v_col, factored)
-    groups += [
-        row,
-        col,
-        jax.lax.rsqrt(row + 1e-8),
-        jax.lax.rsqrt(col + 1e-8),
-        m * row_factor * col_factor,
-    ]
-    return groups
-
-
-def apply_mlp(
-    mlp: Mapping[str, jax.Array], groups: list[jax.Array], axes: tuple[int, ...]
-) -> jax.Array:
-    """Runs one tensor's MLP; returns f32[*s, 3] raw outputs.
-
-    Args:
-      mlp: weights of this tensor's MLP (`mix_bank` output, one row).
-      groups: the 14 groups from `input_groups`.
-      axes: the tensor's axes, over which each group is normalised.
-    """
-    num_hidden = sum(1 for k in mlp if k.startswith("b")) - 1
-    h = mlp["b0"]
-    for i, x in enumerate(groups):
-        h = h + jnp.einsum(
-            "...c,ch->...h", _normalise(x, axes), mlp[f"w0__{i}"], precision=_HIGHEST
-        )
-    for layer in range(1, num_hidden + 1):
-        h = jax.nn.relu(h)
-        h = jnp.einsum("...c,ch->...h", h, mlp[f"w{layer}"], precision=_HIGHEST)
-        h = h + mlp[f"b{layer}"]
-    return h
-
-
-def step(outputs: jax.Array, p: jax.Array, lr_mult: jax.Array) -> jax.Array:
-    """The parameter step (to be subtracted) from the MLP outputs.
-
-    Args:
-      outputs: f32[*s, 3], MLP outputs (direction, magnitude, unused).
-      p: f32[*s] previous params.
-      lr_mult: f32[] the tensor's step-size multiplier from the LSTM.
-    """
-    direction = outputs[..., 0]
-    magnitude = jnp.exp(outputs[..., 1] * EXP_MULT)
-    param_scale = jnp.sqrt(jnp.mean(jnp.square(p)) + 1e-9)
-    return lr_mult * (direction * (param_scale * magnitude) * STEP_MULT)
-
-
-def tensor_update(
-    mlp: Mapping[str, Any],
-    lr_mult: jax.Array,
-    p: jax.Array,
-    g: jax.Array,
-    m: jax.Array,
-    v: jax.Array,
-    fac_g: jax.Array,
-    v_row: jax.Array,
-    v_col: jax.Array,
-    v_diag: jax.Array,
-) -> jax.Array:
-    """f32 update (`-step`) of one tensor, same shape as p."""
-    shape = p.shape
-    if p.ndim == 0:
+    scalar = p.ndim == 0
+    if scalar:
         # Quirk kept for the pretrained weights: scalars act as shape (1,).
-        p, g, m, v, fac_g, v_diag = (x[None] for x in (p, g, m, v, fac_g, v_diag))
-    factored = accumulators.factored_dims(p.shape)
-    groups = input_groups(p, g, m, v, fac_g, v_row, v_col, v_diag, factored)
-    outputs = apply_mlp(mlp, groups, tuple(range(p.ndim)))
-    return -step(outputs, p, lr_mult).reshape(shape)
+        p, g = p[None], g[None]
+        acc = Accumulators(
+            acc.m[None], acc.v[None], acc.v_row, acc.v_col, acc.v_diag[None]
+        )
+    v_row, v_col, v_diag = accumulators.update_factored(
+        acc.v_row, acc.v_col, acc.v_diag, g
+    )
+    new = Accumulators(
+        m=accumulators.update_momentum(acc.m, g),
+        v=accumulators.update_rms(acc.v, g),
+        v_row=v_row,
+        v_col=v_col,
+        v_diag=v_diag,
+    )
+    chans, mean_sq = feature_channels(p, g, new)
+    if scalar:
+        new = Accumulators(new.m[0], new.v[0], new.v_row, new.v_col, new.v_diag[0])
+    return Prepared(p, chans, jnp.stack(mean_sq)), new
+
+
+def first_layer(mlps: Mapping[str, jax.Array], mean_sq: jax.Array) -> jax.Array:
+    """f32[n, 30, F] first-layer weights with the channel normaliser folded in.
+
+    `x_c * rsqrt(1e-5 + mean(x_c**2))` followed by `@ W` equals `x_c @ W'`
+    with `W'[c] = W[c] * rsqrt(1e-5 + mean(x_c**2))`.
+
+    Args:
+      mlps: `mix_bank` output (leaves f32[n, ...]).
+      mean_sq: f32[n, 30] per-tensor channel mean squares.
+    """
+    w0 = jnp.concatenate(
+        [mlps[f"w0__{i}"] for i in range(len(INPUT_GROUP_WIDTHS))], axis=1
+    )
+    return w0 * jax.lax.rsqrt(_NORMALISER_EPS + mean_sq)[:, :, None]
+
+
+def step_scale(lr_mult: jax.Array, mean_sq: jax.Array) -> jax.Array:
+    """f32[n] `lr_mult * 0.001 * sqrt(mean(p**2) + 1e-9)` per tensor."""
+    # Channel 2 is p itself, so its mean square is mean(p**2).
+    return lr_mult * (jnp.sqrt(mean_sq[:, 2] + 1e-9) * STEP_MULT)
+
+
+def apply(
+    prepared: Prepared,
+    mlp: Mapping[str, jax.Array],
+    w0: jax.Array,
+    scale: jax.Array,
+    shape: tuple[int, ...],
+) -> jax.Array:
+    """The update `-step` of one tensor (phase C), f32[*shape].
+
+    Args:
+      prepared: from `prepare`.
+      mlp: this tensor's MLP weights (one row of `mix_bank`; w0 is replaced).
+      w0: f32[30, F] this tensor's row of `first_layer`.
+      scale: f32[] this tensor's `step_scale`.
+      shape: the parameter's shape.
+    """
+    hidden = _dense(prepared.chans, w0, mlp["b0"])
+    layers = num_hidden_layers(mlp)
+    for layer in range(1, layers + 1):
+        hidden = [jax.nn.relu(h) for h in hidden]
+        w, b = mlp[f"w{layer}"], mlp[f"b{layer}"]
+        if layer == layers:
+            w, b = w[:, :2], b[:2]  # the third output is unused
+        hidden = _dense(hidden, w, b)
+    direction, magnitude = hidden[0], hidden[1]
+    step = scale * (direction * jnp.exp(magnitude * EXP_MULT))
+    return (-step).reshape(shape)
+
+
+def _dense(xs: list[jax.Array], w: jax.Array, b: jax.Array) -> list[jax.Array]:
+    """`[b_j + sum_i xs[i] * w[i, j] for j]`: a dense layer over channel lists.
+
+    Channels that are broadcast vectors (the factored row/column channels) are
+    summed among themselves first, at their own small size, so the full-size
+    pass only adds one term per vector shape.
+    """
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(xs):
+        by_shape.setdefault(tuple(x.shape), []).append(i)
+    shapes = sorted(by_shape, key=lambda s: -int(np.prod(s)))
+    outs = []
+    for j in range(w.shape[1]):
+        total = None
+        for shape in shapes:
+            part = None
+            for i in by_shape[shape]:
+                term = xs[i] * w[i, j]
+                part = term if part is None else part + term
+            total = part if total is None else total + part
+        outs.append(total + b[j])
+    return outs

@@ -180,36 +180,39 @@ def velo_step(
     loss_feats = loss_features.features(loss_buffer)
     fraction = state.iteration / jnp.asarray(state.num_steps, jnp.float32)
 
-    # Per-tensor features from the previous state; the LSTM sees all tensors.
-    stats = jnp.stack(
-        [
-            tensor_net.tensor_statistics(p, m, v)
-            for p, m, v in zip(p_leaves, m_leaves, v_leaves)
-        ]
-    )
+    # Phase A, per tensor: statistics of the previous state (LSTM inputs), the
+    # accumulator update and the mean squares of the 30 MLP input channels.
+    stats, prepared, new = [], [], []
+    for p, g, *acc in zip(
+        p_leaves, g_leaves, m_leaves, v_leaves, row_leaves, col_leaves, diag_leaves
+    ):
+        stats.append(tensor_net.tensor_statistics(p, acc[0], acc[1]))
+        prep, acc = param_net.prepare(p, g, param_net.Accumulators(*acc))
+        prepared.append(prep)
+        new.append(acc)
+
+    # Phase B, batched over tensors: the per-tensor LSTM, the MLP bank mix and
+    # every per-tensor scalar of the per-parameter MLP.
     ranks = np.stack([tensor_net.rank_one_hot(p.shape) for p in p_leaves])
-    features = tensor_net.assemble_features(stats, ranks, fraction, loss_feats)
+    features = tensor_net.assemble_features(
+        jnp.stack(stats), ranks, fraction, loss_feats
+    )
     controls, lr_mult, hidden, cell = tensor_net.apply(
         theta["rnn_params"], features, state.lstm_hidden, state.lstm_cell
     )
     mlps = param_net.mix_bank(theta["ff_mod_stack"]["~"], controls)
+    mean_sq = jnp.stack([prep.mean_sq for prep in prepared])
+    w0 = param_net.first_layer(mlps, mean_sq)
+    scale = param_net.step_scale(lr_mult, mean_sq)
 
-    updates, new_m, new_v, new_row, new_col, new_diag = [], [], [], [], [], []
-    for i, (p, g, m, v, row, col, diag) in enumerate(
-        zip(p_leaves, g_leaves, m_leaves, v_leaves, row_leaves, col_leaves, diag_leaves)
-    ):
-        m = accumulators.update_momentum(m, g)
-        v = accumulators.update_rms(v, g)
-        row, col, diag, fac_g = accumulators.update_factored(row, col, diag, g)
-        mlp = {k: w[i] for k, w in mlps.items()}
-        updates.append(
-            param_net.tensor_update(mlp, lr_mult[i], p, g, m, v, fac_g, row, col, diag)
+    # Phase C, per tensor: one elementwise pass of the MLP and the step.
+    updates = [
+        param_net.apply(
+            prep, {k: w[i] for k, w in mlps.items()}, w0[i], scale[i], p.shape
         )
-        new_m.append(m)
-        new_v.append(v)
-        new_row.append(row)
-        new_col.append(col)
-        new_diag.append(diag)
+        for i, (prep, p) in enumerate(zip(prepared, p_leaves))
+    ]
+    new_m, new_v, new_row, new_col, new_diag = (list(x) for x in zip(*new))
 
     new_state = state._replace(
         iteration=state.iteration + 1,

@@ -1,0 +1,248 @@
+"""Benchmark one jitted optimizer update: velo_scale's VeLO vs optax.adamw.
+
+For each parameter tree this measures, per optimizer:
+
+* update time: median wall time of `--repeats` calls of the compiled
+  `update(grads, state, params[, loss=loss])` (after 2 warm-up calls, each call
+  followed by `jax.block_until_ready`; nothing donated);
+* compile time: `jax.jit(...).lower(...).compile()` wall time;
+* XLA temp bytes per parameter: `compiled.memory_analysis().temp_size_in_bytes`
+  divided by the number of parameters (reported for VeLO);
+* peak RSS: `ru_maxrss` of a fresh subprocess that builds the tree, inits the
+  optimizer, compiles and runs it (each optimizer and tree in its own process).
+
+Trees: `1m`, `10m`, `50m`, `100m` are k square float32 matrices [d, d] plus
+biases [d]; `transformer` is a ~17.6M-parameter, 196-tensor transformer-like
+tree of mixed shapes. The timing does not depend on VeLO's weight values, so
+the default is the small reference file in the tests.
+
+Targets: VeLO update <= 2x AdamW at >= 10M params on CPU; compile <= 15 s for
+every tree; VeLO temp memory <= 8 bytes/param.
+
+Usage:
+  python benchmarks/update_step.py [--trees 1m,10m,50m,transformer]
+      [--repeats 5] [--weights PATH] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WEIGHTS = REPO_ROOT / "tests/data/reference/velo/theta_perturbed.msgpack"
+SQUARE_TREES = {
+    "1m": (4, 512),
+    "10m": (10, 1024),
+    "50m": (12, 2048),
+    "100m": (24, 2048),
+}
+TREES = [*SQUARE_TREES, "transformer"]
+RESULT_PREFIX = "RESULT_JSON "
+
+
+def tree_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Shapes of the named parameter tree (flat dict of name -> shape)."""
+    if name in SQUARE_TREES:
+        layers, d = SQUARE_TREES[name]
+        shapes = {}
+        for i in range(layers):
+            shapes[f"layer{i:02d}/kernel"] = (d, d)
+            shapes[f"layer{i:02d}/bias"] = (d,)
+        return shapes
+    if name != "transformer":
+        raise ValueError(f"unknown tree {name!r}; choose from {TREES}")
+    vocab, max_len, d, heads, head_dim, layers = 8192, 512, 320, 5, 64, 12
+    shapes = {"embed/tokens": (vocab, d), "embed/positions": (max_len, d)}
+    for i in range(layers):
+        p = f"block{i:02d}"
+        for proj in ("query", "key", "value"):
+            shapes[f"{p}/attn/{proj}/kernel"] = (d, heads, head_dim)
+            shapes[f"{p}/attn/{proj}/bias"] = (heads, head_dim)
+        shapes[f"{p}/attn/out/kernel"] = (heads, head_dim, d)
+        shapes[f"{p}/attn/out/bias"] = (d,)
+        shapes[f"{p}/mlp/wi/kernel"] = (d, 4 * d)
+        shapes[f"{p}/mlp/wi/bias"] = (4 * d,)
+        shapes[f"{p}/mlp/wo/kernel"] = (4 * d, d)
+        shapes[f"{p}/mlp/wo/bias"] = (d,)
+        for ln in ("ln_attn", "ln_mlp"):
+            shapes[f"{p}/{ln}/scale"] = (d,)
+            shapes[f"{p}/{ln}/bias"] = (d,)
+    shapes["final_ln/scale"] = (d,)
+    shapes["final_ln/bias"] = (d,)
+    return shapes
+
+
+def random_tree(shapes: dict[str, tuple[int, ...]], key: jax.Array, scale: float):
+    """float32 normals of the given shapes, times `scale`."""
+    keys = jax.random.split(key, len(shapes))
+    return {
+        name: scale * jax.random.normal(k, shape, jnp.float32)
+        for k, (name, shape) in zip(keys, shapes.items())
+    }
+
+
+def make_optimizer(name: str, weights: str):
+    import optax
+
+    if name == "adamw":
+        return optax.adamw(1e-3)
+    import velo_scale
+
+    theta = velo_scale.load_weights(weights)
+    return velo_scale.velo(num_steps=10_000, weights=theta)
+
+
+def run_worker(opt_name: str, tree: str, repeats: int, weights: str) -> dict[str, Any]:
+    """Builds the tree and optimizer, compiles and times one update."""
+    shapes = tree_shapes(tree)
+    key_p, key_g = jax.random.split(jax.random.PRNGKey(0))
+    params = random_tree(shapes, key_p, 0.02)
+    grads = random_tree(shapes, key_g, 1.0)
+    loss = jnp.float32(2.5)
+    tx = make_optimizer(opt_name, weights)
+    state = jax.block_until_ready(tx.init(params))
+    if opt_name == "velo":
+        fn = lambda g, s, p: tx.update(g, s, p, loss=loss)  # noqa: E731
+    else:
+        fn = lambda g, s, p: tx.update(g, s, p)  # noqa: E731
+    step = jax.jit(fn)
+
+    start = time.perf_counter()
+    compiled = step.lower(grads, state, params).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    temp_bytes = None if memory is None else int(memory.temp_size_in_bytes)
+
+    for _ in range(2):
+        jax.block_until_ready(compiled(grads, state, params))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(grads, state, params))
+        times.append(time.perf_counter() - start)
+
+    n_params = sum(int(np.prod(s)) for s in shapes.values())
+    return {
+        "optimizer": opt_name,
+        "tree": tree,
+        "params": n_params,
+        "tensors": len(shapes),
+        "update_ms": 1e3 * statistics.median(times),
+        "update_ms_all": [1e3 * t for t in times],
+        "compile_s": compile_s,
+        "temp_bytes": temp_bytes,
+        "temp_bytes_per_param": None if temp_bytes is None else temp_bytes / n_params,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "machine": machine_info(),
+    }
+
+
+def spawn_worker(opt_name: str, tree: str, repeats: int, weights: str) -> dict:
+    """Runs `run_worker` in a fresh Python process and parses its JSON line."""
+    cmd = [sys.executable, __file__, "--worker", opt_name, "--tree", tree]
+    cmd += ["--repeats", str(repeats), "--weights", weights]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :])
+    sys.stderr.write(proc.stdout + proc.stderr)
+    raise RuntimeError(f"worker {opt_name}/{tree} failed (exit {proc.returncode})")
+
+
+def machine_info() -> dict[str, Any]:
+    """The host and JAX set-up (called in a worker: it starts a JAX backend)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    device = jax.devices()[0]
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "nproc": cpus or os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": device.platform,
+        "device": device.device_kind,
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[dict[str, dict]]) -> str:
+    header = (
+        "| tree | params | tensors | AdamW update (ms) | VeLO update (ms) | ratio "
+        "| AdamW compile (s) | VeLO compile (s) | VeLO temp bytes/param "
+        "| peak RSS AdamW / VeLO (MB) |"
+    )
+    lines = [header, "|" + "---|" * 10]
+    for row in rows:
+        a, v = row["adamw"], row["velo"]
+        lines.append(
+            f"| {v['tree']} | {v['params']:,} | {v['tensors']} "
+            f"| {a['update_ms']:.2f} | {v['update_ms']:.2f} "
+            f"| {v['update_ms'] / a['update_ms']:.2f}x "
+            f"| {a['compile_s']:.2f} | {v['compile_s']:.2f} "
+            f"| {_fmt(v['temp_bytes_per_param'], '.2f')} "
+            f"| {a['peak_rss_mb']:.0f} / {v['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trees", default="1m,10m,50m,transformer")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--worker", choices=["adamw", "velo"], help=argparse.SUPPRESS)
+    parser.add_argument("--tree", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    if args.worker:
+        result = run_worker(args.worker, args.tree, args.repeats, args.weights)
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return
+
+    trees = [t.strip() for t in args.trees.split(",") if t.strip()]
+    for tree in trees:
+        if tree not in TREES:
+            parser.error(f"unknown tree {tree!r}; choose from {','.join(TREES)}")
+    rows = []
+    for tree in trees:
+        row = {
+            opt: spawn_worker(opt, tree, args.repeats, args.weights)
+            for opt in ("adamw", "velo")
+        }
+        rows.append(row)
+        print(f"  done: {tree}", file=sys.stderr, flush=True)
+    # The parent never starts a JAX backend (on an accelerator it would hold
+    # memory the workers need): the machine is the one the workers saw.
+    machine = rows[0]["velo"]["machine"]
+    print(
+        f"machine: {machine['processor']}, nproc={machine['nproc']}, "
+        f"python {machine['python']}, jax {machine['jax']}, "
+        f"backend {machine['backend']} ({machine['device']})\n"
+    )
+    print(markdown_table(rows))
+    if args.json_path:
+        payload = {"machine": machine, "repeats": args.repeats, "results": rows}
+        Path(args.json_path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
