@@ -200,25 +200,51 @@ def state_shardings(
     param_specs: Any = None,
     *,
     logical_axis_rules: Any = None,
+    replicate_indivisible: bool = False,
 ) -> Any:
     """`NamedSharding`s on `mesh` for `tx.init(params)`; see
     `state_partition_specs`.
+
+    jax requires every sharded axis to divide evenly by its mesh axes. A
+    parameter axis that does not raises `ShardingError` naming the parameter,
+    unless `replicate_indivisible=True`, which replicates such axes in the
+    state (the parameter itself must then be sharded the same way by the
+    caller).
 
     Example:
       >>> shardings = velo_scale.state_shardings(tx, params, mesh)  # doctest: +SKIP
       >>> state = jax.jit(tx.init, out_shardings=shardings)(params)
     """
-    specs = state_partition_specs(
-        tx, params, param_specs, logical_axis_rules=logical_axis_rules
-    )
-    for spec in jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P)):
-        for entry in spec:
-            for axis in entry if isinstance(entry, tuple) else (entry,):
-                if axis is not None and axis not in mesh.axis_names:
+    params, param_specs = _resolve_param_specs(params, param_specs, logical_axis_rules)
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    specs = treedef.flatten_up_to(param_specs)
+    checked = []
+    for (path, x), spec in zip(path_leaves, specs):
+        name = _path_str(path)
+        entries = list(_padded(spec, len(x.shape), name))
+        for axis, (size, entry) in enumerate(zip(x.shape, entries)):
+            names = entry if isinstance(entry, tuple) else (entry,)
+            ways = 1
+            for mesh_axis in names:
+                if mesh_axis is None:
+                    continue
+                if mesh_axis not in mesh.shape:
                     raise ShardingError(
-                        f"partition spec {spec} names mesh axis {axis!r}, but the "
-                        f"mesh has axes {mesh.axis_names}."
+                        f"parameter {name}: partition spec {spec} names mesh axis "
+                        f"{mesh_axis!r}, but the mesh has axes {tuple(mesh.shape)}."
                     )
+                ways *= mesh.shape[mesh_axis]
+            if size % ways:
+                if not replicate_indivisible:
+                    raise ShardingError(
+                        f"parameter {name} (shape {tuple(x.shape)}): axis {axis} of "
+                        f"size {size} cannot be split {ways} ways by {entry!r}. "
+                        "Replicate that axis (None in its spec) or pass "
+                        "replicate_indivisible=True."
+                    )
+                entries[axis] = None
+        checked.append(P(*entries))
+    specs = state_partition_specs(tx, params, treedef.unflatten(checked))
     return jax.tree_util.tree_map(
         lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
     )
