@@ -89,10 +89,8 @@ def mean_squares(xs: list[jax.Array]) -> list[jax.Array]:
     return [jnp.mean(jnp.square(x)) for x in xs]
 
 
-def feature_channels(
-    p: jax.Array, g: jax.Array, acc: Accumulators
-) -> tuple[list[jax.Array], list[jax.Array]]:
-    """The 30 input channels of the MLP and their mean squares.
+def feature_channels(p: jax.Array, g: jax.Array, acc: Accumulators) -> list[jax.Array]:
+    """The 30 input channels of the MLP.
 
     Channel order (group: channels): 0 g; 1 clip(g, +-0.1); 2 p; 3 m (3);
     4 v; 5 m * rsqrt(v + 1e-6) (3); 6 rsqrt(v + 1e-6); 7 adafactor-
@@ -107,8 +105,7 @@ def feature_channels(
       acc: the *updated* accumulators.
 
     Returns:
-      (channels, mean_squares): 30 arrays broadcastable to `s`, and 30 f32
-      scalars, the mean over the tensor of each channel squared.
+      30 arrays broadcastable to `s` (the row/column channels stay vectors).
     """
     m = [acc.m[..., i] for i in range(acc.m.shape[-1])]
     v = acc.v[..., 0]
@@ -126,7 +123,7 @@ def feature_channels(
         # accumulator to both the row and column slots, and no epsilon in **-0.5.
         chans += diag + diag + diag_rsqrt + diag_rsqrt
         chans += [mi * di**-0.5 for mi, di in zip(m, diag)]
-        return chans, mean_squares(chans)
+        return chans
 
     d1, d0 = dims
     row_factor, col_factor = accumulators.factored_factors(acc.v_row, acc.v_col, dims)
@@ -139,56 +136,31 @@ def feature_channels(
     vectors += [jax.lax.rsqrt(c + 1e-8) for c in cols]
     chans += vectors
     chans += [mi * f for mi, f in zip(m, factor)]
-    return chans, mean_squares(chans)
+    return chans
 
 
-class Prepared(NamedTuple):
-    """One tensor after the per-parameter accumulator update (phase A).
-
-    Attributes:
-      p: f32[*s] previous params (scalars as shape (1,)).
-      chans: the 30 feature channels (`feature_channels`), lazy expressions.
-      mean_sq: f32[30] mean over the tensor of each channel squared.
-    """
-
-    p: jax.Array
-    chans: list[jax.Array]
-    mean_sq: jax.Array
-
-
-def prepare(
-    p: jax.Array, g: jax.Array, acc: Accumulators
-) -> tuple[Prepared, Accumulators]:
-    """Updates one tensor's accumulators and computes its feature statistics.
-
-    Args:
-      p: f32[*s] previous params; g: f32[*s] clipped gradient.
-      acc: the previous accumulators.
-
-    Returns:
-      (`Prepared`, the updated accumulators in the tensor's own shapes).
-    """
-    scalar = p.ndim == 0
-    if scalar:
-        # Quirk kept for the pretrained weights: scalars act as shape (1,).
-        p, g = p[None], g[None]
-        acc = Accumulators(
-            acc.m[None], acc.v[None], acc.v_row, acc.v_col, acc.v_diag[None]
-        )
+def update_accumulators(g: jax.Array, acc: Accumulators) -> Accumulators:
+    """One tensor's updated accumulators (g: f32[*s] clipped, rank >= 1)."""
     v_row, v_col, v_diag = accumulators.update_factored(
         acc.v_row, acc.v_col, acc.v_diag, g
     )
-    new = Accumulators(
+    return Accumulators(
         m=accumulators.update_momentum(acc.m, g),
         v=accumulators.update_rms(acc.v, g),
         v_row=v_row,
         v_col=v_col,
         v_diag=v_diag,
     )
-    chans, mean_sq = feature_channels(p, g, new)
-    if scalar:
-        new = Accumulators(new.m[0], new.v[0], new.v_row, new.v_col, new.v_diag[0])
-    return Prepared(p, chans, jnp.stack(mean_sq)), new
+
+
+def channel_mean_squares(p: jax.Array, g: jax.Array, acc: Accumulators) -> jax.Array:
+    """f32[30], the mean square of each MLP input channel over the tensor.
+
+    Args:
+      p: f32[*s] previous params, g: f32[*s] clipped gradient (rank >= 1).
+      acc: the *updated* accumulators.
+    """
+    return jnp.stack(mean_squares(feature_channels(p, g, acc)))
 
 
 def first_layer(mlps: Mapping[str, jax.Array], mean_sq: jax.Array) -> jax.Array:
@@ -214,22 +186,27 @@ def step_scale(lr_mult: jax.Array, mean_sq: jax.Array) -> jax.Array:
 
 
 def apply(
-    prepared: Prepared,
     mlp: Mapping[str, jax.Array],
     w0: jax.Array,
     scale: jax.Array,
-    shape: tuple[int, ...],
+    p: jax.Array,
+    g: jax.Array,
+    acc: Accumulators,
 ) -> jax.Array:
-    """The update `-step` of one tensor (phase C), f32[*shape].
+    """The update `-step` of one tensor (phase C), f32[*p.shape].
+
+    The channels are recomputed from (p, g, acc) inside the same elementwise
+    pass rather than kept from `channel_mean_squares`.
 
     Args:
-      prepared: from `prepare`.
       mlp: this tensor's MLP weights (one row of `mix_bank`; w0 is replaced).
       w0: f32[30, F] this tensor's row of `first_layer`.
       scale: f32[] this tensor's `step_scale`.
-      shape: the parameter's shape.
+      p, g: f32[*s] previous params and clipped gradient (rank >= 1).
+      acc: the updated accumulators.
     """
-    hidden = _dense(prepared.chans, w0, mlp["b0"])
+    chans = feature_channels(p, g, acc)
+    hidden = _dense(chans, w0, mlp["b0"])
     layers = num_hidden_layers(mlp)
     for layer in range(1, layers + 1):
         hidden = [jax.nn.relu(h) for h in hidden]
@@ -238,8 +215,7 @@ def apply(
             w, b = w[:, :2], b[:2]  # the third output is unused
         hidden = _dense(hidden, w, b)
     direction, magnitude = hidden[0], hidden[1]
-    step = scale * (direction * jnp.exp(magnitude * EXP_MULT))
-    return (-step).reshape(shape)
+    return -(scale * (direction * jnp.exp(magnitude * EXP_MULT)))
 
 
 def _dense(xs: list[jax.Array], w: jax.Array, b: jax.Array) -> list[jax.Array]:

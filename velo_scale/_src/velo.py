@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -164,36 +165,66 @@ def velo_step(
     Returns:
       (updates f32 pytree like params, new state, intermediates).
     """
-    treedef = jax.tree_util.tree_structure(params)
-    p_leaves = [jnp.asarray(p, jnp.float32) for p in treedef.flatten_up_to(params)]
-    g_leaves = [
-        jnp.clip(jnp.asarray(g, jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP)
-        for g in treedef.flatten_up_to(grads)
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    shapes = [tuple(np.shape(x)) for _, x in path_leaves]
+    # Quirk kept for the pretrained weights: scalars act as shape (1,) (their
+    # per-tensor statistics are the same either way).
+    lift = [(1,) if s == () else s for s in shapes]
+    p_leaves = [
+        jnp.asarray(p, jnp.float32).reshape(s)
+        for p, s in zip(treedef.flatten_up_to(params), lift)
     ]
-    m_leaves = treedef.flatten_up_to(state.momentum)
-    v_leaves = treedef.flatten_up_to(state.rms)
-    row_leaves = treedef.flatten_up_to(state.factored.v_row)
-    col_leaves = treedef.flatten_up_to(state.factored.v_col)
-    diag_leaves = treedef.flatten_up_to(state.factored.v_diag)
+    g_leaves = [
+        jnp.clip(jnp.asarray(g, jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP).reshape(s)
+        for g, s in zip(treedef.flatten_up_to(grads), lift)
+    ]
+    acc_leaves = [
+        param_net.Accumulators(
+            m.reshape(s + m.shape[-1:]),
+            v.reshape(s + v.shape[-1:]),
+            r,
+            c,
+            d.reshape(s + d.shape[-1:]) if not d.shape[0] == 0 else d,
+        )
+        for s, m, v, r, c, d in zip(
+            lift,
+            treedef.flatten_up_to(state.momentum),
+            treedef.flatten_up_to(state.rms),
+            treedef.flatten_up_to(state.factored.v_row),
+            treedef.flatten_up_to(state.factored.v_col),
+            treedef.flatten_up_to(state.factored.v_diag),
+        )
+    ]
 
     loss_buffer = loss_features.update(state.loss_buffer, loss)
     loss_feats = loss_features.features(loss_buffer)
     fraction = state.iteration / jnp.asarray(state.num_steps, jnp.float32)
+    groups = tensor_groups([jax.tree_util.keystr(p) for p, _ in path_leaves], lift)
+    n = len(shapes)
 
-    # Phase A, per tensor: statistics of the previous state (LSTM inputs), the
-    # accumulator update and the mean squares of the 30 MLP input channels.
-    stats, prepared, new = [], [], []
-    for p, g, *acc in zip(
-        p_leaves, g_leaves, m_leaves, v_leaves, row_leaves, col_leaves, diag_leaves
-    ):
-        stats.append(tensor_net.tensor_statistics(p, acc[0], acc[1]))
-        prep, acc = param_net.prepare(p, g, param_net.Accumulators(*acc))
-        prepared.append(prep)
-        new.append(acc)
+    # Phase A, per group of like tensors (vmapped): statistics of the previous
+    # state (LSTM inputs), the accumulator update and the mean squares of the
+    # 30 MLP input channels.
+    def phase_a(p, g, acc):
+        stats = tensor_net.tensor_statistics(p, acc.m, acc.v)
+        new = param_net.update_accumulators(g, acc)
+        return stats, new, param_net.channel_mean_squares(p, g, new)
+
+    stats, mean_sq, new = [None] * n, [None] * n, [None] * n
+    for idx in groups:
+        if len(idx) == 1:
+            i = idx[0]
+            stats[i], new[i], mean_sq[i] = phase_a(
+                p_leaves[i], g_leaves[i], acc_leaves[i]
+            )
+            continue
+        out = jax.vmap(phase_a)(*_stack([p_leaves, g_leaves, acc_leaves], idx))
+        for k, i in enumerate(idx):
+            stats[i], new[i], mean_sq[i] = jax.tree_util.tree_map(lambda x: x[k], out)
 
     # Phase B, batched over tensors: the per-tensor LSTM, the MLP bank mix and
     # every per-tensor scalar of the per-parameter MLP.
-    ranks = np.stack([tensor_net.rank_one_hot(p.shape) for p in p_leaves])
+    ranks = np.stack([tensor_net.rank_one_hot(s) for s in shapes])
     features = tensor_net.assemble_features(
         jnp.stack(stats), ranks, fraction, loss_feats
     )
@@ -201,16 +232,40 @@ def velo_step(
         theta["rnn_params"], features, state.lstm_hidden, state.lstm_cell
     )
     mlps = param_net.mix_bank(theta["ff_mod_stack"]["~"], controls)
-    mean_sq = jnp.stack([prep.mean_sq for prep in prepared])
+    mean_sq = jnp.stack(mean_sq)
     w0 = param_net.first_layer(mlps, mean_sq)
     scale = param_net.step_scale(lr_mult, mean_sq)
 
-    # Phase C, per tensor: one elementwise pass of the MLP and the step.
-    updates = [
-        param_net.apply(
-            prep, {k: w[i] for k, w in mlps.items()}, w0[i], scale[i], p.shape
+    # Phase C, per group (vmapped): one elementwise pass of the MLP.
+    updates = [None] * n
+    for idx in groups:
+        if len(idx) == 1:
+            i = idx[0]
+            mlp = {k: w[i] for k, w in mlps.items()}
+            update = param_net.apply(
+                mlp, w0[i], scale[i], p_leaves[i], g_leaves[i], new[i]
+            )
+            updates[i] = update.reshape(shapes[i])
+            continue
+        rows = np.asarray(idx)
+        mlp = {k: w[rows] for k, w in mlps.items()}
+        out = jax.vmap(param_net.apply)(
+            mlp, w0[rows], scale[rows], *_stack([p_leaves, g_leaves, new], idx)
         )
-        for i, (prep, p) in enumerate(zip(prepared, p_leaves))
+        for k, i in enumerate(idx):
+            updates[i] = out[k].reshape(shapes[i])
+
+    new = [
+        param_net.Accumulators(
+            a.m.reshape(s + a.m.shape[-1:]),
+            a.v.reshape(s + a.v.shape[-1:]),
+            a.v_row,
+            a.v_col,
+            a.v_diag.reshape(s + a.v_diag.shape[-1:])
+            if a.v_diag.shape[0]
+            else a.v_diag,
+        )
+        for a, s in zip(new, shapes)
     ]
     new_m, new_v, new_row, new_col, new_diag = (list(x) for x in zip(*new))
 
@@ -235,6 +290,37 @@ def velo_step(
         lr_mult=lr_mult,
     )
     return treedef.unflatten(updates), new_state, intermediates
+
+
+def tensor_groups(
+    paths: list[str], shapes: list[tuple[int, ...]], max_stacked_size: int = 1 << 16
+) -> list[list[int]]:
+    """Indices of tensors that share one vmapped computation.
+
+    Small tensors (at most `max_stacked_size` elements: biases, norms, small
+    kernels) group when they have the same shape and the same path up to the
+    numbers in it (`layers_3/mlp/bias` ~ `layers_7/mlp/bias`): the same role
+    in different layers, which partitioning schemes shard alike, so stacking
+    them moves no data between devices. Compile time then grows with the
+    number of roles, not with depth. Larger tensors run alone: stacking would
+    copy them, and their compile cost is the same either way.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, (path, shape) in enumerate(zip(paths, shapes)):
+        if int(np.prod(shape)) > max_stacked_size:
+            key: tuple = (i,)
+        else:
+            key = (re.sub(r"\d+", "#", path), shape)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _stack(trees_by_tensor: list[list[Any]], idx: list[int]) -> list[Any]:
+    """For each per-tensor list, the members `idx` stacked on a new axis 0."""
+    return [
+        jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[leaves[i] for i in idx])
+        for leaves in trees_by_tensor
+    ]
 
 
 def _num_accumulate(num_steps: int, max_training_steps: int) -> int:
