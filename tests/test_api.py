@@ -279,3 +279,20 @@ def test_mismatched_grads_structure(tx):
     params = _params()
     with pytest.raises(ValueError, match="same tree structure"):
         tx.update({"a": jnp.ones(3)}, tx.init(params), params, loss=1.0)
+
+
+def test_bfloat16_state(theta):
+    params = _params()
+    tx16 = velo_scale.velo(N, weights=theta, state_dtype=jnp.bfloat16)
+    new16, state16 = _run(tx16, params, steps=3)
+    for tree in (state16.momentum, state16.rms, state16.factored):
+        assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(tree))
+    assert state16.lstm_hidden.dtype == jnp.float32
+    new32, _ = _run(velo_scale.velo(N, weights=theta), params, steps=3)
+    for a, b, p in zip(
+        jax.tree_util.tree_leaves(new16),
+        jax.tree_util.tree_leaves(new32),
+        jax.tree_util.tree_leaves(params),
+    ):
+        moved = np.max(np.abs(np.asarray(b) - np.asarray(p)))
+        assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 0.1 * moved + 1e-7

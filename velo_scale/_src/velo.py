@@ -104,10 +104,12 @@ def init_state(
     num_steps: int,
     accumulate: int = 1,
     loss_decays: Any = None,
+    state_dtype: Any = jnp.float32,
 ) -> VeLOState:
     """Fresh VeLO state for params (a pytree of arrays) and horizon num_steps.
 
-    `loss_decays` (f32[10]) defaults to `loss_features.compiled_decays`.
+    `loss_decays` (f32[10]) defaults to `loss_features.compiled_decays`;
+    `state_dtype` is the storage dtype of the per-parameter accumulators.
     """
     if loss_decays is None:
         loss_decays = loss_features.compiled_decays(num_steps)
@@ -121,7 +123,13 @@ def init_state(
         jnp.asarray(init["hidden"], jnp.float32), (n, hidden_size)
     )
     cell = jnp.broadcast_to(jnp.asarray(init["cell"], jnp.float32), (n, hidden_size))
-    tmap = jax.tree_util.tree_map
+
+    def tmap(fn, tree):
+        return jax.tree_util.tree_map(
+            lambda x: jax.tree_util.tree_map(lambda a: a.astype(state_dtype), fn(x)),
+            tree,
+        )
+
     factored = tmap(accumulators.init_factored, params)
     treedef = jax.tree_util.tree_structure(params)
     fac_leaves = treedef.flatten_up_to(factored) if n else []
@@ -129,7 +137,9 @@ def init_state(
     accumulation = None
     if accumulate > 1:
         accumulation = AccumulationState(
-            grad_sum=tmap(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+            grad_sum=jax.tree_util.tree_map(
+                lambda p: jnp.zeros(p.shape, jnp.float32), params
+            ),
             loss_sum=jnp.zeros((), jnp.float32),
             count=jnp.zeros((), jnp.int32),
         )
@@ -178,16 +188,9 @@ def velo_step(
         jnp.clip(jnp.asarray(g, jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP).reshape(s)
         for g, s in zip(treedef.flatten_up_to(grads), lift)
     ]
-    acc_leaves = [
-        param_net.Accumulators(
-            m.reshape(s + m.shape[-1:]),
-            v.reshape(s + v.shape[-1:]),
-            r,
-            c,
-            d.reshape(s + d.shape[-1:]) if not d.shape[0] == 0 else d,
-        )
-        for s, m, v, r, c, d in zip(
-            lift,
+    old = [
+        param_net.Accumulators(*acc)
+        for acc in zip(
             treedef.flatten_up_to(state.momentum),
             treedef.flatten_up_to(state.rms),
             treedef.flatten_up_to(state.factored.v_row),
@@ -195,6 +198,7 @@ def velo_step(
             treedef.flatten_up_to(state.factored.v_diag),
         )
     ]
+    acc_leaves = [_lift_accumulators(a, s == ()) for a, s in zip(old, shapes)]
 
     loss_buffer = loss_features.update(state.loss_buffer, loss)
     loss_feats = loss_features.features(loss_buffer)
@@ -255,18 +259,7 @@ def velo_step(
         for k, i in enumerate(idx):
             updates[i] = out[k].reshape(shapes[i])
 
-    new = [
-        param_net.Accumulators(
-            a.m.reshape(s + a.m.shape[-1:]),
-            a.v.reshape(s + a.v.shape[-1:]),
-            a.v_row,
-            a.v_col,
-            a.v_diag.reshape(s + a.v_diag.shape[-1:])
-            if a.v_diag.shape[0]
-            else a.v_diag,
-        )
-        for a, s in zip(new, shapes)
-    ]
+    new = [_lower_accumulators(a, s == (), o) for a, s, o in zip(new, shapes, old)]
     new_m, new_v, new_row, new_col, new_diag = (list(x) for x in zip(*new))
 
     new_state = state._replace(
@@ -290,6 +283,25 @@ def velo_step(
         lr_mult=lr_mult,
     )
     return treedef.unflatten(updates), new_state, intermediates
+
+
+def _lift_accumulators(
+    acc: param_net.Accumulators, scalar: bool
+) -> param_net.Accumulators:
+    """float32 accumulators; a scalar's get the leading axis of shape (1,)."""
+    acc = param_net.Accumulators(*(x.astype(jnp.float32) for x in acc))
+    if scalar:
+        acc = acc._replace(m=acc.m[None], v=acc.v[None], v_diag=acc.v_diag[None])
+    return acc
+
+
+def _lower_accumulators(
+    acc: param_net.Accumulators, scalar: bool, like: param_net.Accumulators
+) -> param_net.Accumulators:
+    """Inverse of `_lift_accumulators`, back to the state's own dtypes."""
+    if scalar:
+        acc = acc._replace(m=acc.m[0], v=acc.v[0], v_diag=acc.v_diag[0])
+    return param_net.Accumulators(*(x.astype(y.dtype) for x, y in zip(acc, like)))
 
 
 def tensor_groups(
@@ -336,6 +348,7 @@ def velo(
     weight_decay: float = 0.0,
     decoupled_weight_decay: float = 0.0,
     max_training_steps: int = DEFAULT_MAX_TRAINING_STEPS,
+    state_dtype: Any = jnp.float32,
 ) -> optax.GradientTransformationExtraArgs:
     """VeLO, the versatile learned optimizer, as an optax transformation.
 
@@ -360,6 +373,10 @@ def velo(
         `k = ceil(num_steps / max_training_steps)` consecutive calls are
         averaged and VeLO steps once every k calls with a horizon of
         `num_steps // k` (zero updates in between), as the reference does.
+      state_dtype: storage dtype of the per-parameter accumulators (momentum,
+        rms, factored). `jnp.bfloat16` halves the state's memory; arithmetic
+        stays float32 (see BENCHMARKS.md for its effect on the golden cases).
+        The per-tensor LSTM state and the loss buffer stay float32.
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose state is `VeLOState`.
@@ -395,7 +412,7 @@ def velo(
     loss_decays = loss_features.compiled_decays(horizon)
 
     def init_fn(params):
-        return init_state(theta, params, horizon, accumulate, loss_decays)
+        return init_state(theta, params, horizon, accumulate, loss_decays, state_dtype)
 
     def step_fn(state, grads, params, loss):
         if not jax.tree_util.tree_leaves(params):
