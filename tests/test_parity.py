@@ -70,6 +70,8 @@ def _assert_tree_close(ours, case, prefix, tol, name):
     ours = flat(ours)
     for leaf in case.order:
         ref = case[f"{prefix}/{leaf}"]
+        if ref.size == 0 and leaf not in ours:
+            continue  # an unused factored slot: empty there, None here
         np.testing.assert_allclose(
             ours[leaf], ref, **tol, err_msg=f"{case.name}: {name} of {leaf}"
         )
@@ -99,9 +101,13 @@ def test_init_state_matches_reference(name):
         ("fac_v_col", state.factored.v_col),
         ("fac_v_diag", state.factored.v_diag),
     ):
-        for leaf, arr in flat(ours).items():
+        ours = flat(ours)
+        for leaf in case.order:
             ref = case[f"init/state/{field}/{leaf}"]
-            assert arr.shape == ref.shape, (field, leaf, arr.shape, ref.shape)
+            if ref.size == 0:  # slots the reference keeps empty are None here
+                assert leaf not in ours, (field, leaf)
+            else:
+                assert ours[leaf].shape == ref.shape, (field, leaf, ours[leaf].shape)
 
 
 @pytest.mark.parametrize("name", CASES)

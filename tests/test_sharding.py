@@ -184,12 +184,12 @@ def test_accumulators_follow_their_parameter(tx):
     # w (16, 32): factored over (d1, d0) = (0, 1); v_row drops axis 1, v_col axis 0.
     assert out.factored.v_row["w"] == P("data", None)
     assert out.factored.v_col["w"] == P("model", None)
-    assert out.factored.v_diag["w"] == P()
+    assert out.factored.v_diag["w"] is None  # unused slot
     # conv (3, 3, 8, 16): factored over (2, 3).
     assert out.factored.v_row["conv"] == P(None, None, "data", None)
     assert out.factored.v_col["conv"] == P(None, None, "model", None)
     assert out.factored.v_diag["b"] == P("model", None)
-    assert out.factored.v_row["b"] == P()
+    assert out.factored.v_row["b"] is None
     for replicated in (
         out.lstm_hidden,
         out.lstm_cell,

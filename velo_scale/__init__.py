@@ -12,6 +12,7 @@ Public API:
 
 from velo_scale._src.sharding import (
     ShardingError,
+    mesh_param_specs,
     state_partition_specs,
     state_shardings,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "default_cache_path",
     "init_weights",
     "load_weights",
+    "mesh_param_specs",
     "save_weights",
     "state_partition_specs",
     "state_shardings",

@@ -1,40 +1,158 @@
-"""`velo-scale` command line (also `python -m velo_scale`)."""
+"""`velo-scale` command line (also `python -m velo_scale`).
+
+  velo-scale train [--gin_file F ...] [--gin_param 'train.num_steps=100' ...]
+                   [--workdir DIR]
+  velo-scale plot DIR [DIR ...] -o curves.png
+  velo-scale compare DIR [DIR ...]
+
+This is the only module that reads flags and gin; it binds
+`velo_scale.train.train` and the optimizer/model factories by name.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
+import pathlib
+import re
 import sys
+from collections.abc import Sequence
+from importlib import resources
+
+
+def _register_configurables():
+    import gin
+
+    from velo_scale import models
+    from velo_scale.train import optimizers, trainer
+
+    registry = {"train": trainer.train, "MLP": models.MLP, "CNN": models.CNN}
+    registry.update(optimizers.OPTIMIZERS)
+    for name, fn in registry.items():
+        if not gin.config._REGISTRY.get_match(name):  # noqa: SLF001
+            gin.external_configurable(fn, name)
+    return registry
+
+
+def _explain_gin_error(error: Exception, registry: dict) -> str:
+    """Adds the close names to gin's unknown-configurable/parameter errors."""
+    msg = str(error)
+    unknown = re.search(r"No configurable matching '([^']+)'", msg)
+    if unknown:
+        close = difflib.get_close_matches(unknown.group(1), list(registry), n=3)
+        return f"{msg.splitlines()[0]} Known configurables: {sorted(registry)}" + (
+            f"; did you mean {close}?" if close else "."
+        )
+    param = re.search(
+        r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", msg
+    )
+    if param and param.group(1) in registry:
+        names = list(inspect.signature(registry[param.group(1)]).parameters)
+        if inspect.isclass(registry[param.group(1)]):
+            import dataclasses
+
+            names = [f.name for f in dataclasses.fields(registry[param.group(1)])]
+        close = difflib.get_close_matches(param.group(2), names, n=3)
+        return f"{msg.splitlines()[0]} Close names: {close or names}."
+    return msg.splitlines()[0] if msg else repr(error)
+
+
+def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> dict:
+    """Parses gin files (the embedded default when none) and bindings.
+
+    Returns the registry of configurables. Raises `ValueError` with close names
+    for unknown configurables or parameters.
+    """
+    import gin
+
+    registry = _register_configurables()
+    gin.clear_config()
+    files = list(gin_files)
+    if not files:
+        files = [str(resources.files("velo_scale.recipes") / "default.gin")]
+    for f in files:
+        path = pathlib.Path(f).expanduser().absolute()
+        if not path.exists():
+            raise ValueError(f"gin file {f!r} does not exist.")
+        # Includes resolve from the working directory, the file's folder and
+        # the folder above it (recipes/ -> repository root).
+        for root in (pathlib.Path.cwd(), path.parent, path.parent.parent):
+            gin.add_config_file_search_path(str(root))
+    try:
+        gin.parse_config_files_and_bindings(files, gin_params, finalize_config=False)
+    except (ValueError, KeyError, SyntaxError) as e:
+        raise ValueError(_explain_gin_error(e, registry)) from None
+    return registry
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import gin
+
+    registry = parse_gin(args.gin_file, args.gin_param)
+    train_fn = gin.get_configurable("train")
+    kwargs = {"config": {"gin": gin.config_str()}}
+    if args.workdir:
+        kwargs["workdir"] = args.workdir
+    try:
+        result = train_fn(**kwargs)
+    except (TypeError, ValueError) as e:
+        if "gin" in str(e).lower() or "missing" in str(e).lower():
+            raise ValueError(_explain_gin_error(e, registry)) from None
+        raise
+    if result.workdir:
+        from velo_scale.train import reports
+
+        out = pathlib.Path(result.workdir) / "curves.png"
+        reports.plot_runs([result.workdir], str(out))
+        print(f"metrics: {result.workdir}/metrics.jsonl, curves: {out}", flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="velo-scale", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train an MLP on Fashion-MNIST with VeLO")
-    demo.add_argument("--optimizer", default="velo", choices=["velo", "adamw"])
-    demo.add_argument("--num_steps", type=int, default=500)
-    demo.add_argument("--batch_size", type=int, default=128)
-    demo.add_argument(
-        "--weights",
-        default=None,
-        help="VeLO weights file (default: $VELO_SCALE_WEIGHTS, cache, download)",
+    parser = argparse.ArgumentParser(
+        prog="velo-scale", description="VeLO training tools."
     )
-    demo.add_argument("--seed", type=int, default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train from gin files (default: embedded recipe)")
+    tr.add_argument(
+        "--gin_file", action="append", default=[], help="gin file (repeatable)"
+    )
+    tr.add_argument(
+        "--gin_param", action="append", default=[], help="gin binding (repeatable)"
+    )
+    tr.add_argument("--workdir", default=None, help="metrics, checkpoints, curves")
+    pl = sub.add_parser("plot", help="loss/eval curves of runs on one figure")
+    pl.add_argument("workdirs", nargs="+")
+    pl.add_argument("-o", "--output", default="curves.png")
+    pl.add_argument("--labels", default=None, help="comma-separated run labels")
+    cp = sub.add_parser("compare", help="table of final metrics of runs")
+    cp.add_argument("workdirs", nargs="+")
     args = parser.parse_args(argv)
 
     from velo_scale._src.weights import WeightsError
+    from velo_scale.train.checkpoint import CheckpointError
+    from velo_scale.train.trainer import NonFiniteLossError
 
     try:
-        if args.command == "demo":
-            from velo_scale.demo import run_demo
+        if args.command == "train":
+            return run_train(args)
+        from velo_scale.train import reports
 
-            run_demo(
-                optimizer=args.optimizer,
-                num_steps=args.num_steps,
-                batch_size=args.batch_size,
-                weights=args.weights,
-                seed=args.seed,
-            )
-    except (WeightsError, FileNotFoundError) as e:
+        if args.command == "plot":
+            labels = args.labels.split(",") if args.labels else None
+            reports.plot_runs(args.workdirs, args.output, labels=labels)
+            print(f"wrote {args.output}")
+        else:
+            print(reports.compare_runs(args.workdirs))
+    except (
+        WeightsError,
+        FileNotFoundError,
+        CheckpointError,
+        NonFiniteLossError,
+        ValueError,
+        ImportError,
+    ) as e:
         print(f"velo-scale: {e}", file=sys.stderr)
         return 2
     return 0

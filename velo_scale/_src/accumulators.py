@@ -70,21 +70,26 @@ def update_rms(v: jax.Array, g: jax.Array) -> jax.Array:
 
 def factored_shapes(
     shape: Sequence[int],
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """Shapes (v_row, v_col, v_diag) of the factored accumulators of a tensor."""
+) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None, tuple[int, ...] | None]:
+    """Shapes (v_row, v_col, v_diag) of the factored accumulators of a tensor;
+    None for the slots a tensor does not use (the reference keeps empty
+    `[0, 3]` arrays there, which checkpointers cannot store)."""
     n = len(ADAFACTOR_DECAYS)
     dims = factored_dims(shape)
     if dims is None:
-        return (0, n), (0, n), tuple(shape) + (n,)
+        return None, None, tuple(shape) + (n,)
     d1, d0 = dims
     row = tuple(s for i, s in enumerate(shape) if i != d0) + (n,)
     col = tuple(s for i, s in enumerate(shape) if i != d1) + (n,)
-    return row, col, (0, n)
+    return row, col, None
 
 
-def init_factored(p: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def init_factored(p: jax.Array) -> tuple[jax.Array | None, ...]:
     """Zero factored accumulators (v_row, v_col, v_diag); see `factored_shapes`."""
-    return tuple(jnp.zeros(s, jnp.float32) for s in factored_shapes(p.shape))
+    return tuple(
+        None if s is None else jnp.zeros(s, jnp.float32)
+        for s in factored_shapes(p.shape)
+    )
 
 
 def safe_rsqrt(x: jax.Array) -> jax.Array:

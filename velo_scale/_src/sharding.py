@@ -85,7 +85,9 @@ def _velo_specs(
         # Masked-out parameters (optax.MaskedNode) keep their placeholder.
         leaves = treedef.flatten_up_to(tree)
         out = [
-            leaf if isinstance(leaf, optax.MaskedNode) else fn(spec, shape)
+            leaf
+            if leaf is None or isinstance(leaf, optax.MaskedNode)
+            else fn(spec, shape)
             for leaf, spec, shape in zip(leaves, padded, shapes)
         ]
         return treedef.unflatten(out)
@@ -93,20 +95,14 @@ def _velo_specs(
     def with_decay(spec, shape):
         return P(*spec, None)
 
+    # Unused slots are None (see accumulators.factored_shapes) and stay None.
     def row(spec, shape):
-        dims = accumulators.factored_dims(shape)
-        if dims is None:
-            return P()
-        return P(*(s for i, s in enumerate(spec) if i != dims[1]), None)
+        d0 = accumulators.factored_dims(shape)[1]
+        return P(*(s for i, s in enumerate(spec) if i != d0), None)
 
     def col(spec, shape):
-        dims = accumulators.factored_dims(shape)
-        if dims is None:
-            return P()
-        return P(*(s for i, s in enumerate(spec) if i != dims[0]), None)
-
-    def diag(spec, shape):
-        return P() if accumulators.factored_dims(shape) else P(*spec, None)
+        d1 = accumulators.factored_dims(shape)[0]
+        return P(*(s for i, s in enumerate(spec) if i != d1), None)
 
     accumulation = state.accumulation
     if accumulation is not None:
@@ -123,7 +119,7 @@ def _velo_specs(
             # v_row drops d0 (the largest axis), v_col drops d1.
             v_row=per_leaf(state.factored.v_row, row),
             v_col=per_leaf(state.factored.v_col, col),
-            v_diag=per_leaf(state.factored.v_diag, diag),
+            v_diag=per_leaf(state.factored.v_diag, with_decay),
         ),
         accumulation=accumulation,
     )
@@ -216,6 +212,22 @@ def state_shardings(
       >>> state = jax.jit(tx.init, out_shardings=shardings)(params)
     """
     params, param_specs = _resolve_param_specs(params, param_specs, logical_axis_rules)
+    checked = mesh_param_specs(params, param_specs, mesh, replicate_indivisible)
+    specs = state_partition_specs(tx, params, checked)
+    return jax.tree_util.tree_map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+    )
+
+
+def mesh_param_specs(
+    params: Any, param_specs: Any, mesh: Mesh, replicate_indivisible: bool = False
+) -> Any:
+    """Checks param specs against a mesh (axis names, even division).
+
+    Returns the specs padded to each parameter's rank; with
+    `replicate_indivisible`, axes that do not divide evenly are replicated
+    instead of raising `ShardingError` (the error names the parameter).
+    """
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     specs = treedef.flatten_up_to(param_specs)
     checked = []
@@ -244,10 +256,7 @@ def state_shardings(
                     )
                 entries[axis] = None
         checked.append(P(*entries))
-    specs = state_partition_specs(tx, params, treedef.unflatten(checked))
-    return jax.tree_util.tree_map(
-        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
-    )
+    return treedef.unflatten(checked)
 
 
 def _resolve_param_specs(params: Any, param_specs: Any, rules: Any) -> tuple[Any, Any]:

@@ -37,8 +37,8 @@ class FactoredState(NamedTuple):
     For a tensor of rank >= 2 factored over axes (d1, d0) (second largest,
     largest), `v_row` has the tensor's shape without axis d0, `v_col` the shape
     without axis d1, each with a trailing axis of 3 decays, and `v_diag` is
-    empty `[0, 3]`. For scalars and vectors `v_diag` has `shape + (3,)` and
-    `v_row`/`v_col` are empty `[0, 3]`.
+    None. For scalars and vectors `v_diag` has `shape + (3,)` and
+    `v_row`/`v_col` are None (the reference's empty `[0, 3]` arrays).
     """
 
     v_row: PyTree

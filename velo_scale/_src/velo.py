@@ -289,7 +289,9 @@ def _lift_accumulators(
     acc: param_net.Accumulators, scalar: bool
 ) -> param_net.Accumulators:
     """float32 accumulators; a scalar's get the leading axis of shape (1,)."""
-    acc = param_net.Accumulators(*(x.astype(jnp.float32) for x in acc))
+    acc = param_net.Accumulators(
+        *(None if x is None else x.astype(jnp.float32) for x in acc)
+    )
     if scalar:
         acc = acc._replace(m=acc.m[None], v=acc.v[None], v_diag=acc.v_diag[None])
     return acc
@@ -301,7 +303,9 @@ def _lower_accumulators(
     """Inverse of `_lift_accumulators`, back to the state's own dtypes."""
     if scalar:
         acc = acc._replace(m=acc.m[0], v=acc.v[0], v_diag=acc.v_diag[0])
-    return param_net.Accumulators(*(x.astype(y.dtype) for x, y in zip(acc, like)))
+    return param_net.Accumulators(
+        *(None if x is None else x.astype(y.dtype) for x, y in zip(acc, like))
+    )
 
 
 def tensor_groups(

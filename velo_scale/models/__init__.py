@@ -1,0 +1,6 @@
+"""Flax models with logical-axis annotations (they take arrays, know nothing
+of training or data)."""
+
+from velo_scale.models.small import CNN, MLP
+
+__all__ = ["CNN", "MLP"]

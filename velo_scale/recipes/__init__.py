@@ -1,0 +1,1 @@
+"""Gin recipes that ship inside the package (the CLI's embedded default)."""

@@ -1,0 +1,181 @@
+"""Optimizers the trainer can use, each a factory of the run's length.
+
+Every factory takes `num_steps` (filled in by `train`) and returns an
+`Optimizer`: the optax transformation and whether its update takes the loss.
+Gin selects one with `train.optimizer = @velo` (or `@adamw`, ...).
+
+* `velo`: velo_scale's VeLO; no learning rate.
+* `adamw`, `nadamw`: linear warm-up + cosine decay (the AlgoPerf baseline).
+* `sgd_momentum`: piecewise-constant schedule.
+* `adafactor`: optax's Adafactor.
+
+All take optional `clip_norm` (global-norm clipping) and `weight_decay`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import optax
+
+from velo_scale._src import weights as weights_lib
+from velo_scale._src.velo import velo as _velo
+
+
+class Optimizer(NamedTuple):
+    """An optax transformation and whether `update` needs `loss=`."""
+
+    tx: optax.GradientTransformation
+    takes_loss: bool
+    name: str
+
+
+# Where the project's own meta-trained weights will live once they exist
+# (meta-training, velo_scale.meta); `weights="auto"` falls back to them.
+PROJECT_WEIGHTS_ENV = "VELO_SCALE_PROJECT_WEIGHTS"
+
+
+def resolve_velo_weights(weights: Any) -> Any:
+    """Resolves `weights` for `velo`: a path, a theta dict, `"official"` (env,
+    cache or download of the official file) or `"auto"` (the official file if
+    it is in `$VELO_SCALE_WEIGHTS` or the cache, else the project's own
+    weights at `$VELO_SCALE_PROJECT_WEIGHTS`, else a clear error)."""
+    if weights == "official":
+        return weights_lib.load_weights()
+    if weights != "auto":
+        return weights
+    env = os.environ.get(weights_lib.WEIGHTS_ENV)
+    if env:
+        return weights_lib.load_weights(env)
+    cached = weights_lib.default_cache_path()
+    if cached.exists():
+        return weights_lib.load_weights(cached)
+    project = os.environ.get(PROJECT_WEIGHTS_ENV)
+    if project:
+        return weights_lib.load_weights(project)
+    raise weights_lib.WeightsError(
+        "train.optimizer = @velo with weights='auto' found no VeLO weights: "
+        f"${weights_lib.WEIGHTS_ENV} is unset, the cache {cached} is empty and "
+        f"${PROJECT_WEIGHTS_ENV} (weights made by velo_scale's meta-training) is "
+        "unset. Give the official 'params' file with "
+        f"`export {weights_lib.WEIGHTS_ENV}=/path/to/params`, or set "
+        "velo.weights='official' to download it (needs internet), or bind "
+        "velo.weights to a path."
+    )
+
+
+def _clipped(tx: optax.GradientTransformation, clip_norm: float | None):
+    """Prepends global-norm clipping when `clip_norm` is set."""
+    if not clip_norm:
+        return tx
+    return optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+
+
+def velo(
+    num_steps: int,
+    *,
+    weights: Any = "auto",
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+    max_training_steps: int = 150_000,
+) -> Optimizer:
+    """VeLO for a run of `num_steps` steps (see `velo_scale.velo`)."""
+    tx = _velo(
+        num_steps,
+        weights=resolve_velo_weights(weights),
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        max_training_steps=max_training_steps,
+    )
+    return Optimizer(_clipped(tx, clip_norm), True, "velo")
+
+
+def warmup_cosine(num_steps: int, learning_rate: float, warmup_steps: int | float):
+    """Linear warm-up to `learning_rate`, then cosine decay to 0 at num_steps.
+
+    `warmup_steps` < 1 is a fraction of num_steps."""
+    warmup = int(warmup_steps * num_steps) if warmup_steps < 1 else int(warmup_steps)
+    warmup = max(1, min(warmup, num_steps - 1)) if num_steps > 1 else 0
+    return optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, warmup, max(num_steps, warmup + 1), end_value=0.0
+    )
+
+
+def adamw(
+    num_steps: int,
+    *,
+    learning_rate: float = 1e-3,
+    warmup_steps: float = 0.05,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    weight_decay: float = 1e-4,
+    clip_norm: float | None = None,
+) -> Optimizer:
+    """AdamW with linear warm-up and cosine decay."""
+    schedule = warmup_cosine(num_steps, learning_rate, warmup_steps)
+    tx = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+    return Optimizer(_clipped(tx, clip_norm), False, "adamw")
+
+
+def nadamw(
+    num_steps: int,
+    *,
+    learning_rate: float = 1e-3,
+    warmup_steps: float = 0.05,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    weight_decay: float = 1e-4,
+    clip_norm: float | None = None,
+) -> Optimizer:
+    """NAdamW (AlgoPerf baseline) with linear warm-up and cosine decay."""
+    schedule = warmup_cosine(num_steps, learning_rate, warmup_steps)
+    tx = optax.nadamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+    return Optimizer(_clipped(tx, clip_norm), False, "nadamw")
+
+
+def sgd_momentum(
+    num_steps: int,
+    *,
+    learning_rate: float = 0.1,
+    momentum: float = 0.9,
+    boundaries: Sequence[float] = (0.5, 0.75),
+    decay: float = 0.1,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+) -> Optimizer:
+    """SGD with momentum; the learning rate is multiplied by `decay` at each
+    boundary (fractions of num_steps)."""
+    schedule = optax.piecewise_constant_schedule(
+        learning_rate, {int(b * num_steps): decay for b in boundaries}
+    )
+    parts = []
+    if weight_decay:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(optax.sgd(schedule, momentum=momentum))
+    return Optimizer(_clipped(optax.chain(*parts), clip_norm), False, "sgd")
+
+
+def adafactor(
+    num_steps: int,
+    *,
+    learning_rate: float = 1e-2,
+    warmup_steps: float = 0.05,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+) -> Optimizer:
+    """optax Adafactor with warm-up + cosine decay."""
+    schedule = warmup_cosine(num_steps, learning_rate, warmup_steps)
+    tx = optax.adafactor(schedule, weight_decay_rate=weight_decay or None)
+    return Optimizer(_clipped(tx, clip_norm), False, "adafactor")
+
+
+OPTIMIZERS = {
+    "velo": velo,
+    "adamw": adamw,
+    "nadamw": nadamw,
+    "sgd_momentum": sgd_momentum,
+    "adafactor": adafactor,
+}

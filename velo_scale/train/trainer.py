@@ -1,0 +1,429 @@
+"""`train`: the training loop every recipe uses.
+
+Keyword-only arguments, no gin inside (gin binds `train` at the entry point).
+One jitted step: loss and gradients, the optimizer update (VeLO gets
+`loss=`), non-finite steps skipped. Params, optimizer state and batches are
+sharded on a mesh built from `mesh_shape`/`axis_names`; params by the model's
+logical axis annotations and `logical_axis_rules`, the optimizer state by
+`velo_scale.state_shardings`, batches along the `data` axis. The train state
+(including the data position) is checkpointed with orbax so that a resumed run
+continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from velo_scale._src import sharding as sharding_lib
+from velo_scale.data import BatchIterator, epoch_batches, load_dataset
+from velo_scale.train import checkpoint as ckpt_lib
+from velo_scale.train.metrics import MetricsWriter
+from velo_scale.train.optimizers import Optimizer
+from velo_scale.train.state import TrainState
+
+# Logical axis -> mesh axis. Unlisted logical axes are replicated.
+DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", "data"),
+    ("embed", None),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("vocab", "model"),
+    ("conv_in", None),
+    ("conv_out", "model"),
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` returns.
+
+    Attributes:
+      state: the final `TrainState` (on the mesh).
+      final_loss: mean training loss over the last 10 logged steps.
+      eval_metrics: the last evaluation (`loss`, `accuracy`), or {}.
+      steps_per_second: training throughput of this process.
+      workdir: where metrics and checkpoints went (or None).
+    """
+
+    state: TrainState
+    final_loss: float
+    eval_metrics: dict[str, float]
+    steps_per_second: float
+    workdir: str | None
+
+
+def make_mesh(mesh_shape: Sequence[int] | None, axis_names: Sequence[str]) -> Mesh:
+    """A mesh over the first prod(mesh_shape) devices (default: all devices on
+    the first axis). Axis types are Auto (GSPMD)."""
+    devices = jax.devices()
+    if mesh_shape is None:
+        mesh_shape = (len(devices),) + (1,) * (len(axis_names) - 1)
+    mesh_shape = tuple(int(s) for s in mesh_shape)
+    if len(mesh_shape) != len(axis_names):
+        raise ValueError(
+            f"mesh_shape {mesh_shape} and axis_names {tuple(axis_names)} must have "
+            "the same length."
+        )
+    need = math.prod(mesh_shape)
+    if need > len(devices):
+        raise ValueError(
+            f"mesh_shape {mesh_shape} needs {need} devices but only {len(devices)} "
+            "are visible (on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N "
+            "before starting Python)."
+        )
+    grid = np.array(devices[:need]).reshape(mesh_shape)
+    return Mesh(grid, tuple(axis_names), axis_types=(AxisType.Auto,) * len(axis_names))
+
+
+def _source(data: Any, split: str) -> Any:
+    if isinstance(data, str):
+        name, _, explicit = data.partition(":")
+        return load_dataset(name, explicit or split)
+    return data
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return loss, accuracy
+
+
+def train(
+    *,
+    model: nn.Module,
+    optimizer: Callable[..., Optimizer],
+    num_steps: int,
+    data: Any = "fashion_mnist",
+    eval_data: Any = None,
+    batch_size: int = 128,
+    eval_batch_size: int = 1000,
+    mesh_shape: Sequence[int] | None = None,
+    axis_names: Sequence[str] = ("data", "model"),
+    logical_axis_rules: Sequence[tuple[str, Any]] = DEFAULT_AXIS_RULES,
+    eval_every: int | None = None,
+    workdir: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 3,
+    init_from: str | os.PathLike | None = None,
+    seed: int = 0,
+    stop_after: int | None = None,
+    max_nonfinite_steps: int = 10,
+    log_every: int = 1,
+    progress: bool = True,
+    config: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Trains `model` (logits from `batch["image"]`) with softmax cross-entropy.
+
+    Args:
+      model: a flax linen module with logical-axis annotated params.
+      optimizer: a factory from `velo_scale.train.optimizers` (called with
+        `num_steps`); VeLO receives the loss every step.
+      num_steps: total optimizer steps of the run (VeLO's horizon).
+      data: dataset name (`velo_scale.data.load_dataset`, `"name:split"`) or
+        a dict of arrays with `image` and `label`; its "train" split is used.
+      eval_data: same; default the "test" split of `data` when it is a name.
+      batch_size: global batch size (divisible by the mesh's data axis).
+      mesh_shape, axis_names: the device mesh (default: all devices on
+        `data`).
+      logical_axis_rules: logical -> mesh axis rules for the params.
+      eval_every: evaluate every this many steps and at the end (None: only
+        at the end when eval data exist).
+      workdir: metrics (`metrics.jsonl`, TensorBoard), `config.json` and,
+        unless `checkpoint_dir` is given, `checkpoints/`.
+      checkpoint_every: save every this many steps, and always at the end and
+        at `stop_after` (None: only then).
+      keep_checkpoints: how many checkpoints to keep.
+      init_from: a checkpoint directory whose params start this run (with a
+        fresh optimizer), for fine-tuning.
+      seed: params init, data order and the step RNG.
+      stop_after: stop (after saving) once this step is reached, as a
+        preempted job would; a later call resumes from the checkpoint.
+      max_nonfinite_steps: stop with `NonFiniteLossError` after this many
+        consecutive skipped steps.
+      log_every: write train metrics every this many steps.
+      progress: show a progress bar (tqdm) on stderr.
+      config: written to `workdir/config.json` (e.g. the gin config).
+
+    Returns:
+      A `TrainResult`.
+    """
+    if num_steps < 1:
+        raise ValueError(f"train.num_steps must be >= 1; got {num_steps}.")
+    mesh = make_mesh(mesh_shape, axis_names)
+    data_axis = axis_names[0]
+    if batch_size % mesh.shape[data_axis]:
+        raise ValueError(
+            f"train.batch_size={batch_size} must be divisible by the mesh's "
+            f"{data_axis!r} axis ({mesh.shape[data_axis]} devices)."
+        )
+    workdir = pathlib.Path(workdir).expanduser() if workdir is not None else None
+    if checkpoint_dir is None and workdir is not None:
+        checkpoint_dir = workdir / "checkpoints"
+    checkpointer = None
+    if checkpoint_dir is not None:
+        # Fails before any training if the directory is not writable.
+        checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=keep_checkpoints)
+
+    train_source = _source(data, "train")
+    if eval_data is None and isinstance(data, str) and ":" not in data:
+        eval_data = f"{data}:test"
+    eval_source = _source(eval_data, "test") if eval_data is not None else None
+    iterator = BatchIterator(train_source, batch_size, seed=seed)
+    sample = next(BatchIterator(train_source, batch_size, seed=seed))
+
+    opt = optimizer(num_steps=num_steps)
+    init_key = jax.random.PRNGKey(seed)
+    boxed = jax.eval_shape(model.init, init_key, jnp.asarray(sample["image"]))
+    logical_specs = nn.get_partition_spec(boxed)["params"]
+    abstract_params = nn.meta.unbox(boxed)["params"]
+    param_specs = sharding_lib.mesh_param_specs(
+        abstract_params,
+        nn.logical_to_mesh(logical_specs, logical_axis_rules),
+        mesh,
+        replicate_indivisible=True,
+    )
+    param_sh = jax.tree_util.tree_map(
+        lambda s: NamedSharding(mesh, s),
+        param_specs,
+        is_leaf=lambda x: isinstance(x, P),
+    )
+    opt_sh = sharding_lib.state_shardings(
+        opt.tx, abstract_params, mesh, param_specs, replicate_indivisible=True
+    )
+    replicated = NamedSharding(mesh, P())
+    state_sh = TrainState(
+        step=replicated,
+        params=param_sh,
+        opt_state=opt_sh,
+        rng=replicated,
+        data_epoch=replicated,
+        data_index=replicated,
+        nonfinite_streak=replicated,
+        nonfinite_total=replicated,
+    )
+    batch_sh = NamedSharding(mesh, P(data_axis))
+
+    def init_state(key: jax.Array) -> TrainState:
+        params_key, step_key = jax.random.split(key)
+        params = nn.meta.unbox(model.init(params_key, jnp.asarray(sample["image"])))[
+            "params"
+        ]
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(
+            step=zero,
+            params=params,
+            opt_state=opt.tx.init(params),
+            rng=step_key,
+            data_epoch=zero,
+            data_index=zero,
+            nonfinite_streak=zero,
+            nonfinite_total=zero,
+        )
+
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        rng, dropout_key = jax.random.split(state.rng)
+
+        def loss_fn(params):
+            logits = model.apply(
+                {"params": params}, batch["image"], rngs={"dropout": dropout_key}
+            )
+            return _cross_entropy(logits, batch["label"])
+
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        if opt.takes_loss:
+            updates, opt_state = opt.tx.update(
+                grads, state.opt_state, state.params, loss=loss
+            )
+        else:
+            updates, opt_state = opt.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.stack(
+                [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]
+            )
+        )
+        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+            lambda a, b: jnp.where(finite, a, b), new, old
+        )
+        streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            rng=rng,
+            nonfinite_streak=streak,
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "accuracy": accuracy,
+            "grad_norm": optax.tree.norm(grads),
+            "skipped": (~finite).astype(jnp.int32),
+        }
+        return new_state, metrics
+
+    def eval_step(params, batch):
+        logits = model.apply({"params": params}, batch["image"])
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return jnp.sum(losses), jnp.sum(jnp.argmax(logits, -1) == batch["label"])
+
+    jit_init = jax.jit(init_state, out_shardings=state_sh)
+    jit_step = jax.jit(
+        train_step,
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, None),
+        donate_argnums=0,
+    )
+    jit_eval = jax.jit(eval_step)
+
+    # Start: resume the run's own checkpoint, else fresh (or init_from params).
+    start_step = checkpointer.latest_step() if checkpointer else None
+    if start_step is not None:
+        target = jax.eval_shape(init_state, init_key)
+        target = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            target,
+            state_sh,
+        )
+        state = checkpointer.restore(start_step, target)
+        iterator.set_state(
+            {"epoch": int(state.data_epoch), "index": int(state.data_index)}
+        )
+    else:
+        state = jit_init(init_key)
+        if init_from is not None:
+            state = state.replace(
+                params=ckpt_lib.restore_params(init_from, state.params)
+            )
+            state = state.replace(
+                opt_state=jax.jit(opt.tx.init, out_shardings=opt_sh)(state.params)
+            )
+    first = int(state.step)
+
+    writer = MetricsWriter(workdir) if workdir is not None else None
+    if workdir is not None:
+        info = {
+            "optimizer": opt.name,
+            "num_steps": num_steps,
+            "batch_size": batch_size,
+            "mesh_shape": list(mesh.devices.shape),
+            "axis_names": list(axis_names),
+            "seed": seed,
+            "config": dict(config or {}),
+        }
+        (workdir / "config.json").write_text(json.dumps(info, indent=2, default=str))
+
+    def evaluate(params) -> dict[str, float]:
+        total, loss_sum, correct = 0, 0.0, 0
+        for batch in epoch_batches(eval_source, eval_batch_size):
+            n = len(batch["label"])
+            s, c = jit_eval(params, {k: jnp.asarray(v) for k, v in batch.items()})
+            loss_sum, correct, total = loss_sum + float(s), correct + int(c), total + n
+        return {"loss": loss_sum / total, "accuracy": correct / total}
+
+    last = num_steps if stop_after is None else min(num_steps, stop_after)
+    bar = _progress(progress, first, num_steps)
+    recent: list[float] = []
+    eval_metrics: dict[str, float] = {}
+    t0, steps_run = time.time(), 0
+    try:
+        for step in range(first + 1, last + 1):
+            batch = jax.device_put(next(iterator), batch_sh)
+            position = iterator.get_state()
+            state, metrics = jit_step(state, batch)
+            state = state.replace(
+                data_epoch=jax.device_put(np.int32(position["epoch"]), replicated),
+                data_index=jax.device_put(np.int32(position["index"]), replicated),
+            )
+            steps_run += 1
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if metrics["skipped"]:
+                streak = int(state.nonfinite_streak)
+                if streak >= max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{streak} consecutive steps (up to step {step}) had a non-finite "
+                        "loss or gradient; each was skipped with params and optimizer "
+                        "state unchanged. Lower the learning rate, enable clipping "
+                        "(optimizer clip_norm) or check the data. The last checkpoint "
+                        "is intact."
+                    )
+            else:
+                recent = (recent + [metrics["loss"]])[-10:]
+            metrics["nonfinite_total"] = float(state.nonfinite_total)
+            if writer and (step % log_every == 0 or step == last):
+                writer.write(step, metrics, split="train")
+            if eval_source is not None and (
+                (eval_every and step % eval_every == 0) or step == num_steps
+            ):
+                eval_metrics = evaluate(state.params)
+                if writer:
+                    writer.write(step, eval_metrics, split="eval")
+            if checkpointer and (
+                (checkpoint_every and step % checkpoint_every == 0) or step == last
+            ):
+                checkpointer.save(step, state)
+            bar.update(metrics["loss"], steps_run / max(time.time() - t0, 1e-9))
+    finally:
+        bar.close()
+        if checkpointer:
+            checkpointer.close()
+        if writer:
+            writer.close()
+    rate = steps_run / max(time.time() - t0, 1e-9)
+    final_loss = float(np.mean(recent)) if recent else float("nan")
+    summary = (
+        f"{opt.name}: step {int(state.step)}/{num_steps}, train loss {final_loss:.4f}"
+        + "".join(f", eval {k} {v:.4f}" for k, v in eval_metrics.items())
+        + f", {rate:.1f} steps/s"
+    )
+    print(summary, flush=True)
+    return TrainResult(
+        state, final_loss, eval_metrics, rate, str(workdir) if workdir else None
+    )
+
+
+class _progress:
+    """A tqdm bar with loss and steps/s (or nothing when disabled)."""
+
+    def __init__(self, enabled: bool, start: int, total: int):
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total, initial=start, unit="step", dynamic_ncols=True
+            )
+
+    def update(self, loss: float, rate: float) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(
+                loss=f"{loss:.4f}", steps_s=f"{rate:.1f}", refresh=False
+            )
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
