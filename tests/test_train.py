@@ -307,3 +307,31 @@ def test_cli_missing_weights_is_a_clear_error(tmp_path, monkeypatch, capsys):
         == 2
     )
     assert "VELO_SCALE_WEIGHTS" in capsys.readouterr().err
+
+
+def test_bfloat16_params_and_compute():
+    result = train(
+        model=MLP(hidden=(32,), dtype="bfloat16", param_dtype="bfloat16"),
+        optimizer=_velo,
+        num_steps=3,
+        data="digits",
+        batch_size=64,
+        mesh_shape=(1, 1),
+        progress=False,
+    )
+    for leaf in jax.tree_util.tree_leaves(result.state.params):
+        assert leaf.dtype == np.dtype("bfloat16")
+        assert np.isfinite(np.asarray(leaf, np.float32)).all()
+    # VeLO's accumulators stay float32 for bfloat16 params.
+    assert result.state.opt_state.momentum["head"]["kernel"].dtype == np.float32
+
+
+def test_tfds_data_needs_data_dir():
+    with pytest.raises(ValueError, match="train.data_dir"):
+        train(
+            model=MLP(),
+            optimizer=optimizers.adamw,
+            num_steps=1,
+            data="tfds:mnist",
+            progress=False,
+        )

@@ -30,7 +30,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from velo_scale._src import sharding as sharding_lib
-from velo_scale.data import BatchIterator, epoch_batches, load_dataset
+from velo_scale.data import BatchIterator, epoch_batches, load_dataset, load_tfds
 from velo_scale.train import checkpoint as ckpt_lib
 from velo_scale.train.metrics import MetricsWriter
 from velo_scale.train.optimizers import Optimizer
@@ -95,11 +95,21 @@ def make_mesh(mesh_shape: Sequence[int] | None, axis_names: Sequence[str]) -> Me
     return Mesh(grid, tuple(axis_names), axis_types=(AxisType.Auto,) * len(axis_names))
 
 
-def _source(data: Any, split: str) -> Any:
-    if isinstance(data, str):
-        name, _, explicit = data.partition(":")
-        return load_dataset(name, explicit or split)
-    return data
+def _source(data: Any, split: str, data_dir: str | None) -> Any:
+    """A dataset from its gin spelling: `"name"`, `"name:split"`,
+    `"tfds:name"` / `"tfds:name:split"` (prepared TFDS under `data_dir`), or
+    already a dict of arrays / random-access source."""
+    if not isinstance(data, str):
+        return data
+    if data.startswith("tfds:"):
+        name, _, explicit = data[len("tfds:") :].partition(":")
+        if data_dir is None:
+            raise ValueError(
+                f"train.data={data!r} needs train.data_dir (the TFDS data dir)."
+            )
+        return load_tfds(name, explicit or split, data_dir=data_dir)
+    name, _, explicit = data.partition(":")
+    return load_dataset(name, explicit or split, data_dir=data_dir)
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -115,6 +125,7 @@ def train(
     num_steps: int,
     data: Any = "fashion_mnist",
     eval_data: Any = None,
+    data_dir: str | None = None,
     batch_size: int = 128,
     eval_batch_size: int = 1000,
     mesh_shape: Sequence[int] | None = None,
@@ -142,7 +153,9 @@ def train(
       num_steps: total optimizer steps of the run (VeLO's horizon).
       data: dataset name (`velo_scale.data.load_dataset`, `"name:split"`) or
         a dict of arrays with `image` and `label`; its "train" split is used.
+        `"tfds:name[:split]"` reads a prepared TFDS dataset under `data_dir`.
       eval_data: same; default the "test" split of `data` when it is a name.
+      data_dir: where the dataset files are (default: each loader's own).
       batch_size: global batch size (divisible by the mesh's data axis).
       mesh_shape, axis_names: the device mesh (default: all devices on
         `data`).
@@ -185,10 +198,14 @@ def train(
         # Fails before any training if the directory is not writable.
         checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=keep_checkpoints)
 
-    train_source = _source(data, "train")
-    if eval_data is None and isinstance(data, str) and ":" not in data:
-        eval_data = f"{data}:test"
-    eval_source = _source(eval_data, "test") if eval_data is not None else None
+    train_source = _source(data, "train", data_dir)
+    if eval_data is None and isinstance(data, str):
+        # Without an explicit split, evaluate on the dataset's "test" split.
+        has_split = data.removeprefix("tfds:").count(":") > 0
+        eval_data = None if has_split else f"{data}:test"
+    eval_source = (
+        _source(eval_data, "test", data_dir) if eval_data is not None else None
+    )
     iterator = BatchIterator(train_source, batch_size, seed=seed)
     sample = next(BatchIterator(train_source, batch_size, seed=seed))
 
