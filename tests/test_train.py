@@ -222,8 +222,13 @@ def test_baseline_optimizers_train(name):
     assert result.eval_metrics["accuracy"] > 0.6, result.eval_metrics  # chance: 0.1
 
 
+# gin_configs/t5x/ binds T5X's own configurables (train_script.train, ...),
+# which exist only where t5x is installed; CI cannot parse them.
 GIN_FILES = sorted(
-    [*REPO.glob("recipes/*.gin"), *REPO.glob("gin_configs/**/*.gin")]
+    [
+        *REPO.glob("recipes/*.gin"),
+        *(p for p in REPO.glob("gin_configs/**/*.gin") if p.parent.name != "t5x"),
+    ]
 ) + [REPO / "velo_scale" / "recipes" / "default.gin"]
 
 

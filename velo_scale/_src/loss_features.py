@@ -36,7 +36,10 @@ def loss_buffer_decays(num_steps: int | jax.Array) -> jax.Array:
 def compiled_decays(num_steps: int) -> np.ndarray:
     """`loss_buffer_decays` evaluated by XLA once, as the reference's jitted
     init does: eager and compiled float32 `log` differ in the last bit."""
-    return np.asarray(jax.jit(loss_buffer_decays)(num_steps))
+    # Evaluated now even when called while tracing (e.g. inside a jitted
+    # meta-training unroll); the compiled kernel still does the arithmetic.
+    with jax.ensure_compile_time_eval():
+        return np.asarray(jax.jit(loss_buffer_decays)(int(num_steps)))
 
 
 def init(decays: jax.Array) -> LossBufferState:

@@ -1,0 +1,515 @@
+"""VeLO in T5X: the loss plumbed through and the state partitioned.
+
+T5X (github.com/google-research/t5x) runs optax optimizers through
+`t5x.optimizers.OptaxWrapper`, whose `apply_gradient` calls
+`update(grads, state, params)` without the loss; `FlaxOptimTrainState` forwards
+only `learning_rate` to the optimizer; `trainer.accumulate_grads_microbatched`
+drops the loss of `value_and_grad`; and `OptaxStatePartitionRules` raises
+"unregistered optax state type" for `VeLOState`. This module supplies the
+missing pieces:
+
+* `velo_optimizer(num_steps, ...)` / `VeLOOptaxWrapper`: an `OptaxWrapper` whose
+  hyper-params (`VeLOHyperParams`) carry the loss to `tx.update(..., loss=)`.
+* `VeLOTrainer`: a `t5x.trainer.Trainer` whose train step keeps the loss (the
+  mean over microbatches when `num_microbatches > 1`) and hands it to the
+  optimizer every step.
+* `register_partition_rules()`: registers `VeLOState` with T5X's
+  `OptaxStatePartitionRules` (done by `VeLOOptaxWrapper`), so T5X's partitioner
+  shards every per-parameter accumulator like its parameter and replicates the
+  LSTM state, the loss buffer and the counters.
+
+The logic lives in pure functions that need no t5x (`velo_logical_axes`,
+`mean_loss_over_microbatches`, `loss_carrying_update`, `VeLOHyperParams`); the
+T5X classes are built on first access (`velo_scale.integrations.t5x.VeLOTrainer`
+imports t5x then), so this module imports without t5x installed.
+
+gin: include `gin_configs/t5x/velo.gin` (pre-training) or
+`gin_configs/t5x/velo_finetune.gin` after the usual T5X run and model configs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec
+
+from velo_scale._src.sharding import state_partition_specs
+from velo_scale._src.state import VeLOState
+
+P = PartitionSpec
+
+#: Name of the metric (a `clu.metrics.Average`) holding the loss VeLO sees.
+LOSS_METRIC = "velo/loss"
+
+MISSING_LOSS_MSG = (
+    "VeLO in T5X needs the loss at every step, but the optimizer's hyper-params "
+    "carry loss=None. Train with `train.trainer_cls = @velo_t5x.VeLOTrainer` "
+    "(gin_configs/t5x/velo.gin does this), or call "
+    "`optimizer.apply_gradient(grads, learning_rate=lr, loss=loss)`."
+)
+NO_VELO_STATE_MSG = (
+    "velo_logical_axes: found no VeLOState in the optimizer state (a {}); pass "
+    "the state of `velo_scale.velo(...)` or of an optax chain containing it."
+)
+T5X_MISSING_MSG = (
+    "velo_scale.integrations.t5x's T5X classes (VeLOOptaxWrapper, VeLOTrainer) "
+    "need t5x (github.com/google-research/t5x), which is not importable here: {}"
+)
+_T5X_NAMES = ("VeLOOptaxWrapper", "VeLOTrainer", "train_with_loss")
+
+
+@flax.struct.dataclass
+class VeLOHyperParams:
+    """Hyper-params of the VeLO optimizer definition in T5X.
+
+    T5X's `Optimizer.apply_gradient(grads, **overrides)` replaces these fields
+    with the overrides of the step (`learning_rate=`, and `loss=` from
+    `VeLOTrainer`), then passes them to `VeLOOptaxWrapper.apply_gradient`.
+
+    Attributes:
+      learning_rate: set by T5X's trainer every step; VeLO has no learning rate
+        and ignores it.
+      loss: f32[], the training loss of the step's batch (mean over
+        microbatches).
+    """
+
+    learning_rate: Any = None
+    loss: Any = None
+
+
+def loss_carrying_update(
+    tx: optax.GradientTransformation,
+    grads: Any,
+    state: Any,
+    params: Any,
+    loss: Any,
+) -> tuple[Any, Any]:
+    """`tx.update(grads, state, params, loss=loss)`, refusing a missing loss.
+
+    What `VeLOOptaxWrapper.apply_gradient` runs with `loss` taken from its
+    hyper-params. `tx` may be `velo_scale.velo(...)` or an optax chain holding
+    it (the keyword reaches VeLO through the chain).
+
+    Args:
+      tx: the optax transformation.
+      grads: gradients, a pytree like params.
+      state: `tx`'s state.
+      params: the current params.
+      loss: f32[], the loss of the batch the gradients came from.
+
+    Returns:
+      (updates, new state), as `tx.update`.
+
+    Raises:
+      ValueError: `loss` is None (the message says how to pass it in T5X).
+
+    Example:
+      >>> updates, state = loss_carrying_update(tx, grads, state, params, 2.3)  # doctest: +SKIP
+    """
+    if loss is None:
+        raise ValueError(MISSING_LOSS_MSG)
+    tx = optax.with_extra_args_support(tx)
+    return tx.update(grads, state, params, loss=loss)
+
+
+def mean_loss_over_microbatches(losses: Any, weights: Any = None) -> jax.Array:
+    """The loss of a microbatched step: the (weighted) mean over microbatches.
+
+    `sum_i w_i * loss_i / sum_i w_i`, with `w_i = 1` by default: the value
+    `VeLOTrainer` gives VeLO when T5X splits a batch into microbatches (its
+    `clu.metrics.Average` merges `(total, count)` pairs to the same number).
+
+    Args:
+      losses: f32[n_microbatches], one scalar loss per microbatch.
+      weights: None, or f32[n_microbatches] non-negative weights (e.g. the
+        number of target tokens of each microbatch).
+
+    Returns:
+      f32[], the mean loss.
+
+    Raises:
+      ValueError: `losses` is not a vector, or `weights` has another shape.
+
+    Example:
+      >>> float(mean_loss_over_microbatches(jnp.array([1.0, 3.0])))
+      2.0
+    """
+    losses = jnp.asarray(losses, jnp.float32)
+    if losses.ndim != 1:
+        raise ValueError(
+            f"losses must be a vector with one loss per microbatch; got {losses.shape=}."
+        )
+    if weights is None:
+        return jnp.mean(losses)
+    weights = jnp.asarray(weights, jnp.float32)
+    if weights.shape != losses.shape:
+        raise ValueError(
+            "weights must have one entry per microbatch, like losses; got "
+            f"{weights.shape=} and {losses.shape=}."
+        )
+    return jnp.sum(weights * losses) / jnp.sum(weights)
+
+
+def _is_spec(x: Any) -> bool:
+    return x is None or isinstance(x, PartitionSpec)
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+class _Fixed:
+    """A stand-in transformation whose `init` rebuilds a given state's shapes."""
+
+    def __init__(self, state: Any):
+        self._state = state
+
+    def init(self, _params: Any) -> Any:
+        return jax.tree_util.tree_map(
+            lambda x: jnp.zeros(np.shape(x), getattr(x, "dtype", jnp.result_type(x))),
+            self._state,
+        )
+
+
+def velo_logical_axes(state: Any, param_logical_axes: Any) -> Any:
+    """Logical axes of VeLO's state, derived from the parameters' logical axes.
+
+    The rules of `velo_scale.state_partition_specs`, applied to logical axis
+    names (T5X's `PartitionSpec`s of names such as `('embed', 'mlp')`):
+    momentum and rms keep the parameter's axes plus an unnamed decay axis
+    (None); the factored `v_row` drops the parameter's largest axis d0 and
+    `v_col` its second largest axis d1 (`accumulators.factored_dims`), each
+    plus the decay axis; `v_diag` (scalars, vectors) keeps the axes plus the
+    decay axis; the LSTM state, the loss buffer and the counters are
+    replicated (`PartitionSpec()`). Masked-out parameters (`optax.masked`)
+    keep their `optax.MaskedNode`.
+
+    Args:
+      state: a `VeLOState`, or an optax state holding one (a chain's tuple);
+        arrays or `jax.ShapeDtypeStruct`s. Parameter shapes are read from its
+        momentum (`p.shape + (3,)`).
+      param_logical_axes: a tree like the params of `PartitionSpec`s of logical
+        axis names (None for a replicated parameter), e.g. T5X's
+        `flax_partitioning.get_axis_names(params_axes)`.
+
+    Returns:
+      A tree like `state` with a `PartitionSpec` per leaf (other param-shaped
+      optax states in a chain take the params' axes, the rest is replicated).
+
+    Raises:
+      ValueError: no `VeLOState` in `state`, or the axes tree does not match the
+        params.
+      velo_scale.ShardingError: a parameter's axes name more axes than it has
+        (the message names the parameter).
+
+    Example:
+      >>> axes = velo_logical_axes(jax.eval_shape(tx.init, params),
+      ...                          {"kernel": P("embed", "mlp")})  # doctest: +SKIP
+      >>> axes.momentum["kernel"]
+      PartitionSpec('embed', 'mlp', None)
+    """
+    found = [
+        x
+        for x in jax.tree_util.tree_leaves(
+            state, is_leaf=lambda x: isinstance(x, VeLOState)
+        )
+        if isinstance(x, VeLOState)
+    ]
+    if not found:
+        raise ValueError(NO_VELO_STATE_MSG.format(type(state).__name__))
+    path_moments, treedef = jax.tree_util.tree_flatten_with_path(
+        found[0].momentum, is_leaf=_is_masked
+    )
+    path_axes = jax.tree_util.tree_flatten_with_path(
+        param_logical_axes, is_leaf=_is_spec
+    )[0]
+    moment_keys = [jax.tree_util.keystr(p) for p, _ in path_moments]
+    axes_keys = [jax.tree_util.keystr(p) for p, _ in path_axes]
+    if moment_keys != axes_keys:
+        raise ValueError(
+            "param_logical_axes must have one PartitionSpec (or None) per "
+            f"parameter, like the params; the params are {moment_keys}, the axes "
+            f"are given for {axes_keys}."
+        )
+    specs, shapes = [], []
+    for (_, moment), (_, spec) in zip(path_moments, path_axes):
+        spec = P() if spec is None else spec
+        specs.append(spec)
+        # A masked-out parameter has no state; any shape of the spec's rank
+        # passes the checks, and its MaskedNode is kept.
+        masked = _is_masked(moment)
+        shapes.append((1,) * len(spec) if masked else tuple(np.shape(moment)[:-1]))
+    params = treedef.unflatten([jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
+    return state_partition_specs(_Fixed(state), params, treedef.unflatten(specs))
+
+
+def register_partition_rules() -> None:
+    """Registers `VeLOState` with `t5x.optimizers.OptaxStatePartitionRules`.
+
+    After this, `OptaxWrapper.derive_logical_axes` (and so T5X's partitioner
+    and checkpointer) maps VeLO's state to logical axes with
+    `velo_logical_axes`, also inside `optax.chain`/`masked`/`MultiSteps`.
+    `VeLOOptaxWrapper` calls it; calling it again is harmless.
+
+    Raises:
+      ImportError: t5x is not importable.
+    """
+    from t5x import optimizers
+
+    optimizers.OptaxStatePartitionRules._RULES[VeLOState] = velo_logical_axes
+
+
+def velo_optimizer(
+    num_steps: int,
+    *,
+    weights: Any = None,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: float = 0.0,
+    max_training_steps: int | None = None,
+    clip_norm: float | None = None,
+) -> Any:
+    """T5X optimizer definition for VeLO (gin: `OPTIMIZER = @velo_optimizer()`).
+
+    Args:
+      num_steps: the run's number of optimizer steps (gin: `%TRAIN_STEPS`; for
+        fine-tuning, the fine-tuning steps only).
+      weights, weight_decay, decoupled_weight_decay, max_training_steps: as
+        `velo_scale.velo` (None keeps its default `max_training_steps`).
+      clip_norm: if set, `optax.clip_by_global_norm(clip_norm)` runs first.
+
+    Returns:
+      A `VeLOOptaxWrapper` (a `t5x.optimizers.OptaxWrapper`).
+
+    Raises:
+      ImportError: t5x is not importable.
+    """
+    import velo_scale
+
+    kwargs = (
+        {} if max_training_steps is None else {"max_training_steps": max_training_steps}
+    )
+    tx = velo_scale.velo(
+        num_steps,
+        weights=weights,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        **kwargs,
+    )
+    if clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    return _t5x_classes()["VeLOOptaxWrapper"](tx)
+
+
+@functools.cache
+def _t5x_classes() -> dict[str, Any]:
+    """Builds the classes that subclass t5x's (imports t5x)."""
+    try:
+        import clu.metrics
+        from t5x import optimizers
+        from t5x import train_state as train_state_lib
+        from t5x import trainer as trainer_lib
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(T5X_MISSING_MSG.format(e)) from e
+
+    class VeLOOptaxWrapper(optimizers.OptaxWrapper):
+        """`OptaxWrapper` whose `apply_gradient` passes `loss=` to the update.
+
+        `tx` is `velo_scale.velo(...)` or an optax chain holding it. The loss
+        comes from the hyper-params (`VeLOHyperParams.loss`), which
+        `VeLOTrainer` sets every step. Constructing it registers `VeLOState`
+        with T5X's partition rules.
+        """
+
+        def __init__(self, optax_optimizer: optax.GradientTransformation):
+            super().__init__(optax_optimizer)
+            self.hyper_params = VeLOHyperParams()
+            register_partition_rules()
+
+        def apply_gradient(self, hyper_params, params, state, grads):
+            updates, new_state = loss_carrying_update(
+                self.optax_optimizer,
+                grads,
+                state.param_states,
+                params,
+                hyper_params.loss,
+            )
+            new_params = optax.apply_updates(params, updates)
+            return new_params, optimizers.OptimizerState(
+                step=state.step + 1, param_states=new_state
+            )
+
+    class _LossRecordingModel:
+        """A model whose `loss_fn` also reports the loss as `LOSS_METRIC`.
+
+        T5X's microbatch loop merges metrics across microbatches; a
+        `clu.metrics.Average` of the per-microbatch losses merges to their
+        mean (`mean_loss_over_microbatches`).
+        """
+
+        def __init__(self, model):
+            self._model = model
+
+        def __getattr__(self, name):
+            return getattr(self._model, name)
+
+        def loss_fn(self, *args, **kwargs):
+            loss, aux = self._model.loss_fn(*args, **kwargs)
+            metrics, rest = (aux[0], aux[1:]) if isinstance(aux, tuple) else (aux, None)
+            metrics = dict(metrics)
+            metrics[LOSS_METRIC] = clu.metrics.Average.from_model_output(
+                jnp.asarray(loss, jnp.float32)
+            )
+            return loss, metrics if rest is None else (metrics, *rest)
+
+    def train_with_loss(
+        train_state,
+        batch,
+        learning_rate,
+        dropout_rng,
+        model,
+        num_microbatches,
+        weight_metrics_computer=None,
+        data_partition_spec=None,
+    ):
+        """`t5x.trainer.train_with_lr`, with the loss handed to the optimizer."""
+        if data_partition_spec is None:
+            data_partition_spec = P("data")
+        optimizer = getattr(train_state, "_optimizer", None)
+        if optimizer is None or not hasattr(
+            optimizer.optimizer_def.hyper_params, "loss"
+        ):
+            raise TypeError(
+                "VeLOTrainer needs a FlaxOptimTrainState whose optimizer is "
+                "`velo_t5x.velo_optimizer()` (a VeLOOptaxWrapper); got "
+                f"{type(train_state).__name__} with optimizer "
+                f"{type(getattr(optimizer, 'optimizer_def', None)).__name__}."
+            )
+        grads, metrics, flax_mutables = trainer_lib.accumulate_grads_microbatched(
+            _LossRecordingModel(model),
+            train_state,
+            batch,
+            dropout_rng,
+            num_microbatches,
+            data_partition_spec,
+        )
+        loss = metrics[LOSS_METRIC].compute()
+        new_optimizer = optimizer.apply_gradient(
+            grads, learning_rate=learning_rate, loss=loss
+        )
+        new_train_state = train_state.replace(
+            _optimizer=new_optimizer,
+            flax_mutables=flax_mutables
+            if flax_mutables
+            else train_state_lib.EMPTY_DICT,
+        )
+        lr = jnp.asarray([learning_rate], jnp.float32)
+        metrics["learning_rate"] = clu.metrics.Average.from_model_output(lr)
+        metrics["learning_rate/current"] = clu.metrics.LastValue.from_model_output(lr)
+        if weight_metrics_computer is not None:
+            metrics.update(
+                weight_metrics_computer.compute_metrics(
+                    grads, train_state, new_train_state
+                )
+            )
+        return new_train_state, metrics
+
+    class VeLOTrainer(trainer_lib.Trainer):
+        """`t5x.trainer.Trainer` that gives VeLO the loss at every step.
+
+        The train step is T5X's (microbatching, dropout RNG, flax mutables,
+        partitioning), except that the loss of `value_and_grad` is kept (the
+        mean over microbatches) and passed as `loss=` to the optimizer.
+        `learning_rate_fn` is optional: VeLO has no learning rate (it is only
+        logged).
+        """
+
+        def __init__(
+            self,
+            model,
+            train_state,
+            partitioner,
+            eval_names,
+            summary_dir,
+            train_state_axes,
+            rng,
+            learning_rate_fn=None,
+            num_microbatches=None,
+            weight_metrics_computer=None,
+        ):
+            if learning_rate_fn is None:
+
+                def learning_rate_fn(step):
+                    del step
+                    return jnp.zeros((), jnp.float32)
+
+            super().__init__(
+                model=model,
+                train_state=train_state,
+                partitioner=partitioner,
+                eval_names=eval_names,
+                summary_dir=summary_dir,
+                train_state_axes=train_state_axes,
+                rng=rng,
+                learning_rate_fn=learning_rate_fn,
+                num_microbatches=num_microbatches,
+                weight_metrics_computer=weight_metrics_computer,
+            )
+
+        @functools.cached_property
+        def _partitioned_train_step(self):
+            def train_step(train_state, batch):
+                return train_with_loss(
+                    train_state,
+                    batch,
+                    learning_rate=self._learning_rate_fn(train_state.step),
+                    dropout_rng=self._get_step_rng(train_state.step),
+                    model=self._model,
+                    num_microbatches=self._num_microbatches,
+                    weight_metrics_computer=self._weight_metrics_computer,
+                    data_partition_spec=self._partitioner.data_partition_spec,
+                )
+
+            return self._partitioner.partition(
+                train_step,
+                in_axis_resources=(
+                    self._train_state_axes,
+                    self._partitioner.data_partition_spec,
+                ),
+                out_axis_resources=(self._train_state_axes, None),
+                donate_argnums=(0,),
+            )
+
+    classes = {
+        "VeLOOptaxWrapper": VeLOOptaxWrapper,
+        "VeLOTrainer": VeLOTrainer,
+        "train_with_loss": train_with_loss,
+    }
+    for obj in classes.values():
+        obj.__module__ = __name__
+    return classes
+
+
+def __getattr__(name: str) -> Any:
+    # The T5X classes are built (and t5x imported) on first access.
+    if name in _T5X_NAMES:
+        return _t5x_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# Also VeLOOptaxWrapper, VeLOTrainer and train_with_loss (built on first access,
+# importing t5x; not in __all__ so that `import *` does not import t5x).
+__all__ = [
+    "LOSS_METRIC",
+    "VeLOHyperParams",
+    "loss_carrying_update",
+    "mean_loss_over_microbatches",
+    "register_partition_rules",
+    "velo_logical_axes",
+    "velo_optimizer",
+]
