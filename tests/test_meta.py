@@ -93,3 +93,37 @@ def test_sharded_pairs_equal_single_device():
     # pair weights and by |eps| ~ sigma in the estimate: ~5e-5 at most.
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=5e-5)
+
+
+def test_meta_train_resumes_bit_identically_and_exports(tmp_path):
+    from velo_scale.meta.train import meta_train
+
+    kw = dict(
+        tasks=[_task()],
+        num_outer_steps=3,
+        architecture=velo_scale.Architecture(**SMALL),
+        unroll_lengths=(3,),
+        num_pairs=8,
+        last_k=2,
+        checkpoint_every=1,
+        progress=False,
+    )
+    straight = meta_train(workdir=tmp_path / "a", **kw)
+    meta_train(workdir=tmp_path / "b", stop_after=1, **kw)  # "killed" after 1
+    resumed = meta_train(workdir=tmp_path / "b", **kw)
+    assert int(straight.step) == int(resumed.step) == 3
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # theta moved, and the export loads as VeLO weights that run.
+    start = velo_scale.init_weights(jax.random.split(jax.random.PRNGKey(0))[0], **SMALL)
+    assert any(
+        not np.allclose(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(start), jax.tree.leaves(straight.theta))
+    )
+    theta = velo_scale.load_weights(tmp_path / "a" / "params")
+    assert velo_scale.Architecture.of(theta) == velo_scale.Architecture(**SMALL)
+    tx = velo_scale.velo(10, weights=str(tmp_path / "a" / "params"))
+    params = {"w": jnp.ones((3, 2))}
+    tx.update(params, tx.init(params), params, loss=1.0)
+    info = (tmp_path / "a" / "params.json").read_text()
+    assert '"outer_steps": 3' in info and "digits_mlp" in info

@@ -2,6 +2,7 @@
 
   velo-scale train [--gin_file F ...] [--gin_param 'train.num_steps=100' ...]
                    [--workdir DIR]
+  velo-scale meta-train --gin_file gin_configs/meta/digits_small.gin --workdir DIR
   velo-scale plot DIR [DIR ...] -o curves.png
   velo-scale compare DIR [DIR ...]
 
@@ -25,9 +26,17 @@ def _register_configurables():
     import gin
 
     from velo_scale import models
+    from velo_scale.meta import tasks as meta_tasks
+    from velo_scale.meta import train as meta_train_lib
     from velo_scale.train import optimizers, trainer
 
-    registry = {"train": trainer.train, "MLP": models.MLP, "CNN": models.CNN}
+    registry = {
+        "train": trainer.train,
+        "MLP": models.MLP,
+        "CNN": models.CNN,
+        "meta_train": meta_train_lib.meta_train,
+        "digits_mlp_task": meta_tasks.digits_mlp_task,
+    }
     registry.update(optimizers.OPTIMIZERS)
     for name, fn in registry.items():
         if not gin.config._REGISTRY.get_match(name):  # noqa: SLF001
@@ -109,6 +118,25 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_meta_train(args: argparse.Namespace) -> int:
+    import gin
+
+    if not args.gin_file:
+        raise ValueError(
+            "meta-train needs --gin_file (e.g. gin_configs/meta/digits_small.gin)."
+        )
+    parse_gin(args.gin_file, args.gin_param)
+    kwargs = {"workdir": args.workdir} if args.workdir else {}
+    gin.get_configurable("meta_train")(**kwargs)
+    if args.workdir:
+        from velo_scale.train import reports
+
+        out = pathlib.Path(args.workdir) / "meta_curves.png"
+        reports.plot_runs([args.workdir], str(out), metric="meta_loss")
+        print(f"meta-loss curve: {out}; weights: {args.workdir}/params", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="velo-scale", description="VeLO training tools."
@@ -122,6 +150,16 @@ def main(argv: list[str] | None = None) -> int:
         "--gin_param", action="append", default=[], help="gin binding (repeatable)"
     )
     tr.add_argument("--workdir", default=None, help="metrics, checkpoints, curves")
+    mt = sub.add_parser("meta-train", help="meta-train VeLO weights with ES")
+    mt.add_argument(
+        "--gin_file", action="append", default=[], help="gin file (repeatable)"
+    )
+    mt.add_argument(
+        "--gin_param", action="append", default=[], help="gin binding (repeatable)"
+    )
+    mt.add_argument(
+        "--workdir", default=None, help="checkpoints, metrics, exported params"
+    )
     pl = sub.add_parser("plot", help="loss/eval curves of runs on one figure")
     pl.add_argument("workdirs", nargs="+")
     pl.add_argument("-o", "--output", default="curves.png")
@@ -137,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command == "meta-train":
+            return run_meta_train(args)
         from velo_scale.train import reports
 
         if args.command == "plot":

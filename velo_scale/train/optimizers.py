@@ -104,6 +104,15 @@ def warmup_cosine(num_steps: int, learning_rate: float, warmup_steps: int | floa
     )
 
 
+def _adam_family(
+    make, name, num_steps, learning_rate, warmup_steps, b1, b2, weight_decay, clip_norm
+) -> Optimizer:
+    """An Adam-type optax alias under a warm-up + cosine schedule."""
+    schedule = warmup_cosine(num_steps, learning_rate, warmup_steps)
+    tx = make(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+    return Optimizer(_clipped(tx, clip_norm), False, name)
+
+
 def adamw(
     num_steps: int,
     *,
@@ -115,9 +124,10 @@ def adamw(
     clip_norm: float | None = None,
 ) -> Optimizer:
     """AdamW with linear warm-up and cosine decay."""
-    schedule = warmup_cosine(num_steps, learning_rate, warmup_steps)
-    tx = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
-    return Optimizer(_clipped(tx, clip_norm), False, "adamw")
+    return _adam_family(
+        optax.adamw, "adamw", num_steps, learning_rate, warmup_steps, b1, b2,
+        weight_decay, clip_norm,
+    )  # fmt: skip
 
 
 def nadamw(
@@ -131,9 +141,10 @@ def nadamw(
     clip_norm: float | None = None,
 ) -> Optimizer:
     """NAdamW (AlgoPerf baseline) with linear warm-up and cosine decay."""
-    schedule = warmup_cosine(num_steps, learning_rate, warmup_steps)
-    tx = optax.nadamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
-    return Optimizer(_clipped(tx, clip_norm), False, "nadamw")
+    return _adam_family(
+        optax.nadamw, "nadamw", num_steps, learning_rate, warmup_steps, b1, b2,
+        weight_decay, clip_norm,
+    )  # fmt: skip
 
 
 def sgd_momentum(
