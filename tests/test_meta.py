@@ -106,6 +106,7 @@ def test_meta_train_resumes_bit_identically_and_exports(tmp_path):
         num_pairs=8,
         last_k=2,
         checkpoint_every=1,
+        init_theta="random",
         progress=False,
     )
     straight = meta_train(workdir=tmp_path / "a", **kw)

@@ -200,12 +200,42 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
     assert int(resumed.state.step) == 5  # resumed from step 4, not the partial 6
 
 
-def test_velo_auto_weights_error(monkeypatch, tmp_path):
+def test_velo_auto_weights_order(monkeypatch, tmp_path, capsys):
+    import velo_scale
+
     monkeypatch.delenv("VELO_SCALE_WEIGHTS", raising=False)
     monkeypatch.delenv(optimizers.PROJECT_WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("VELO_SCALE_CACHE", str(tmp_path))
+    # No official file anywhere: the project's packaged weights, with a notice.
+    theta = optimizers.resolve_velo_weights("auto")
+    assert velo_scale.Architecture.of(theta).lstm_hidden_size == 32
+    assert "own meta-trained weights" in capsys.readouterr().err
+    # The official file (here: the reference checkpoint) wins when present.
+    monkeypatch.setenv("VELO_SCALE_WEIGHTS", str(CHECKPOINT))
+    assert velo_scale.Architecture.of(optimizers.resolve_velo_weights("auto")) == (
+        velo_scale.Architecture()
+    )
+    # Nothing at all: a clear error.
+    monkeypatch.delenv("VELO_SCALE_WEIGHTS")
+    monkeypatch.setattr(optimizers, "packaged_project_weights", lambda: None)
     with pytest.raises(Exception, match="VELO_SCALE_WEIGHTS"):
         optimizers.velo(10)
+
+
+def test_project_weights_are_documented():
+    import json
+
+    info = json.loads(
+        (REPO / "velo_scale" / "project_weights" / "params.json").read_text()
+    )
+    import velo_scale
+    from velo_scale._src import weights as weights_lib
+
+    theta = velo_scale.load_weights(REPO / "velo_scale" / "project_weights" / "params")
+    assert weights_lib.sha256(theta) == info["sha256"]
+    assert info["architecture"] == {
+        "lstm_hidden_size": 32, "param_inits": 16, "ff_hidden_size": 4, "ff_hidden_layers": 2
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["adamw", "nadamw", "sgd_momentum", "adafactor"])
@@ -299,6 +329,7 @@ def test_cli_missing_weights_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("VELO_SCALE_WEIGHTS", raising=False)
     monkeypatch.delenv(optimizers.PROJECT_WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("VELO_SCALE_CACHE", str(tmp_path))
+    monkeypatch.setattr(optimizers, "packaged_project_weights", lambda: None)
     assert (
         cli.main(
             [

@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from velo_scale._src import weights as weights_lib
 from velo_scale.meta.es import ESConfig, es_gradient, normalise
+from velo_scale.meta.init import normalised_momentum_theta
 
 # A network small enough to meta-train on 2 CPU cores.
 SMALL_ARCHITECTURE = weights_lib.Architecture(lstm_hidden_size=32, param_inits=16)
@@ -64,7 +65,7 @@ def meta_train(
     checkpoint_every: int = 10,
     stop_after: int | None = None,
     num_devices: int | None = None,
-    init_theta: Any = None,
+    init_theta: Any = "normalised_momentum",
     progress: bool = True,
 ) -> MetaState:
     """Meta-trains VeLO weights with antithetic ES.
@@ -84,7 +85,9 @@ def meta_train(
       stop_after: stop (after a checkpoint) at this outer step; a later call
         with the same workdir resumes.
       num_devices: devices for the pair axis (default: all; pairs must divide).
-      init_theta: start from these meta-parameters instead of a random init.
+      init_theta: the starting meta-parameters: `"normalised_momentum"` (the
+        hand-designed start of `velo_scale.meta.init`), `"random"`, or a theta
+        dict.
       progress: print one line per outer step.
 
     Returns:
@@ -106,11 +109,17 @@ def meta_train(
 
     def fresh(key: jax.Array) -> MetaState:
         init_key, key = jax.random.split(key)
-        theta = (
-            init_theta
-            if init_theta is not None
-            else weights_lib.init_weights(init_key, architecture)
-        )
+        if isinstance(init_theta, str) and init_theta == "normalised_momentum":
+            theta = normalised_momentum_theta(init_key, architecture)
+        elif isinstance(init_theta, str) and init_theta == "random":
+            theta = weights_lib.init_weights(init_key, architecture)
+        elif isinstance(init_theta, str):
+            raise ValueError(
+                f"init_theta must be 'normalised_momentum', 'random' or a theta dict; "
+                f"got {init_theta!r}."
+            )
+        else:
+            theta = init_theta
         theta = jax.tree_util.tree_map(jnp.asarray, theta)
         return MetaState(jnp.zeros((), jnp.int32), theta, adam.init(theta), key)
 

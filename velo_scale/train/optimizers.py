@@ -15,7 +15,10 @@ All take optional `clip_norm` (global-norm clipping) and `weight_decay`.
 from __future__ import annotations
 
 import os
+import pathlib
+import sys
 from collections.abc import Sequence
+from importlib import resources
 from typing import Any, NamedTuple
 
 import optax
@@ -37,11 +40,20 @@ class Optimizer(NamedTuple):
 PROJECT_WEIGHTS_ENV = "VELO_SCALE_PROJECT_WEIGHTS"
 
 
+def packaged_project_weights() -> pathlib.Path | None:
+    """The meta-trained weights shipped in `velo_scale/project_weights/`, if any."""
+    path = pathlib.Path(
+        str(resources.files("velo_scale") / "project_weights" / "params")
+    )
+    return path if path.exists() else None
+
+
 def resolve_velo_weights(weights: Any) -> Any:
     """Resolves `weights` for `velo`: a path, a theta dict, `"official"` (env,
     cache or download of the official file) or `"auto"` (the official file if
     it is in `$VELO_SCALE_WEIGHTS` or the cache, else the project's own
-    weights at `$VELO_SCALE_PROJECT_WEIGHTS`, else a clear error)."""
+    weights at `$VELO_SCALE_PROJECT_WEIGHTS` or shipped in the package, else
+    a clear error)."""
     if weights == "official":
         return weights_lib.load_weights()
     if weights != "auto":
@@ -55,6 +67,16 @@ def resolve_velo_weights(weights: Any) -> Any:
     project = os.environ.get(PROJECT_WEIGHTS_ENV)
     if project:
         return weights_lib.load_weights(project)
+    packaged = packaged_project_weights()
+    if packaged is not None:
+        print(
+            f"velo: no official VeLO weights found (${weights_lib.WEIGHTS_ENV}, "
+            f"{cached}); using velo_scale's own meta-trained weights {packaged} "
+            "(small network; see params.json beside it).",
+            file=sys.stderr,
+            flush=True,
+        )
+        return weights_lib.load_weights(packaged)
     raise weights_lib.WeightsError(
         "train.optimizer = @velo with weights='auto' found no VeLO weights: "
         f"${weights_lib.WEIGHTS_ENV} is unset, the cache {cached} is empty and "

@@ -1,0 +1,89 @@
+"""A hand-designed starting point for meta-training.
+
+Random meta-parameters give a VeLO that barely moves the parameters, so ES
+starting there spends its budget finding descent at all. This sets theta so
+that VeLO starts as a known optimizer, normalised momentum: every MLP of the
+bank maps the input channel `m_0.9 * rsqrt(v + 1e-6)` (channel 7, normalised
+over the tensor) through a pair of relus to the direction output, with zero
+magnitude; the per-tensor LSTM's heads start constant (controls 1, lr_mult
+`lr_mult`), so the step is
+
+    step = lr_mult * 0.001 * sqrt(mean(p**2)) * m / (sqrt(v) rms(m / sqrt(v)))
+
+ES then perturbs every part, the LSTM included, away from it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from velo_scale._src import weights as weights_lib
+
+# Index of `m * rsqrt(v + 1e-6)` with the 0.9 momentum among the 30 channels
+# (groups 0-4 take channels 0-6).
+MOMENTUM_OVER_RMS_CHANNEL = 7
+
+
+def normalised_momentum_theta(
+    key: jax.Array,
+    architecture: weights_lib.Architecture,
+    *,
+    lr_mult: float = 10.0,
+    noise: float = 1e-3,
+) -> dict:
+    """theta whose VeLO is normalised momentum (see module docstring).
+
+    Args:
+      key: PRNG key for the small random parts (LSTM weights, noise).
+      architecture: sizes (ff_hidden_size must be >= 2).
+      lr_mult: the constant step-size multiplier at the start.
+      noise: scale of random weights added to every MLP of the bank and the
+        heads' input weights, so that perturbations have something to steer.
+    """
+    if architecture.ff_hidden_size < 2:
+        raise ValueError("normalised_momentum_theta needs ff_hidden_size >= 2.")
+    theta = weights_lib.init_weights(key, architecture)
+    k = architecture.param_inits
+    f = architecture.ff_hidden_size
+    bank = dict(theta["ff_mod_stack"]["~"])
+    keys = iter(jax.random.split(jax.random.fold_in(key, 1), len(bank)))
+
+    def small(shape):
+        return noise * jax.random.normal(next(keys), shape)
+
+    # The bank is mixed as 100 * mean_k(controls_k * W_k) with controls = 1.
+    scale = 1.0 / 100.0
+    widths = [1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3]
+    offset = 0
+    for i, width in enumerate(widths):
+        w = small((k, width, f))
+        if offset <= MOMENTUM_OVER_RMS_CHANNEL < offset + width:
+            c = MOMENTUM_OVER_RMS_CHANNEL - offset
+            w = w.at[:, c, 0].add(scale).at[:, c, 1].add(-scale)
+        bank[f"w0__{i}"] = w
+        offset += width
+    # Hidden layers pass the two relu units (x+, x-) on unchanged; the output
+    # layer forms direction = x+ - x- = x and magnitude 0.
+    for layer in range(1, architecture.ff_hidden_layers + 1):
+        last = layer == architecture.ff_hidden_layers
+        w = small((k, f, 3 if last else f))
+        if last:
+            w = w.at[:, 0, 0].add(scale).at[:, 1, 0].add(-scale)
+        else:
+            w = w.at[:, 0, 0].add(scale).at[:, 1, 1].add(scale)
+        bank[f"w{layer}"] = w
+        bank[f"b{layer}"] = jnp.zeros((k, 3 if last else f))
+    bank["b0"] = jnp.zeros((k, f))
+    theta["ff_mod_stack"] = {"~": bank}
+    rnn = dict(theta["rnn_params"])
+    rnn["rnn_to_controls"] = {
+        "w": small(rnn["rnn_to_controls"]["w"].shape),
+        "b": jnp.ones((k,)),
+    }
+    rnn["step_size"] = {
+        "w": small(rnn["step_size"]["w"].shape),
+        "b": jnp.full((1,), lr_mult),
+    }
+    theta["rnn_params"] = rnn
+    return theta
