@@ -26,6 +26,7 @@ def _register_configurables():
     import gin
 
     from velo_scale import models
+    from velo_scale.meta import distribution as meta_distribution
     from velo_scale.meta import tasks as meta_tasks
     from velo_scale.meta import train as meta_train_lib
     from velo_scale.train import optimizers, trainer
@@ -36,6 +37,7 @@ def _register_configurables():
         "CNN": models.CNN,
         "meta_train": meta_train_lib.meta_train,
         "digits_mlp_task": meta_tasks.digits_mlp_task,
+        "task_distribution": meta_distribution.task_distribution,
     }
     registry.update(optimizers.OPTIMIZERS)
     for name, fn in registry.items():

@@ -1,5 +1,6 @@
 """Meta-training of VeLO weights with Evolution Strategies (paper Sec. 3, App. C-E)."""
 
+from velo_scale.meta.distribution import sample_task, sample_tasks, task_distribution
 from velo_scale.meta.es import (
     ESConfig,
     antithetic_estimate,
@@ -17,4 +18,7 @@ __all__ = [
     "es_gradient",
     "meta_loss",
     "normalise",
+    "sample_task",
+    "sample_tasks",
+    "task_distribution",
 ]
