@@ -35,6 +35,7 @@ def _register_configurables():
         "train": trainer.train,
         "MLP": models.MLP,
         "CNN": models.CNN,
+        "ViT": models.ViT,
         "meta_train": meta_train_lib.meta_train,
         "digits_mlp_task": meta_tasks.digits_mlp_task,
         "task_distribution": meta_distribution.task_distribution,

@@ -2,5 +2,6 @@
 of training or data)."""
 
 from velo_scale.models.small import CNN, MLP
+from velo_scale.models.vit import ViT
 
-__all__ = ["CNN", "MLP"]
+__all__ = ["CNN", "MLP", "ViT"]
