@@ -287,16 +287,9 @@ def _spec_of_array(x: Any) -> PartitionSpec:
     return P()
 
 
-def param_specs_from_mapping(params: Any, spec_fn: Callable[[str, Any], Any]) -> Any:
-    """Tree of specs from a function of (path string, leaf) (e.g. regex rules)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: spec_fn(_path_str(p), x), params
-    )
-
-
 __all__ = [
     "ShardingError",
+    "mesh_param_specs",
     "state_partition_specs",
     "state_shardings",
-    "param_specs_from_mapping",
 ]

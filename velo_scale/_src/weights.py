@@ -152,11 +152,8 @@ def validate(
                 f"VeLO weights key {name} has shape {got}, but {architecture} "
                 f"needs {shape}."
             )
-        dtype = (
-            np.asarray(found[path]).dtype
-            if not hasattr(found[path], "dtype")
-            else found[path].dtype
-        )
+        value = found[path]
+        dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
         if dtype != np.float32:
             raise WeightsError(
                 f"VeLO weights key {name} has dtype {dtype}; the format stores float32."
