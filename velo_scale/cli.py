@@ -41,10 +41,27 @@ def _register_configurables():
         "task_distribution": meta_distribution.task_distribution,
     }
     registry.update(optimizers.OPTIMIZERS)
+    registry.update(_module_configurables())
     for name, fn in registry.items():
         if not gin.config._REGISTRY.get_match(name):  # noqa: SLF001
             gin.external_configurable(fn, name)
     return registry
+
+
+def _module_configurables() -> dict:
+    """`GIN_CONFIGURABLES` of every module in velo_scale.workloads and
+    velo_scale.models (workloads, their models, data transforms)."""
+    import importlib
+    import pkgutil
+
+    from velo_scale import models, workloads
+
+    found: dict = {}
+    for package in (models, workloads):
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            found.update(getattr(module, "GIN_CONFIGURABLES", {}))
+    return found
 
 
 def _explain_gin_error(error: Exception, registry: dict) -> str:
@@ -98,9 +115,52 @@ def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> dict:
     return registry
 
 
+def configured_value(binding: str):
+    """The value the parsed gin config binds to `binding` (e.g.
+    "train.workload"), with `@configurable()` references called. Lets tests
+    build a recipe's workload without training (`parse_gin` first)."""
+    import gin
+
+    value = gin.query_parameter(binding)
+    if hasattr(value, "scoped_configurable_fn"):
+        return value.scoped_configurable_fn()
+    return value
+
+
+def _maybe_initialize_distributed(multihost: bool) -> None:
+    """Multi-host start: `jax.distributed.initialize()` with `--multihost`
+    (auto-detected cluster: TPU pod, SLURM, ...) or when
+    $JAX_COORDINATOR_ADDRESS is set (with $JAX_NUM_PROCESSES, $JAX_PROCESS_ID).
+    Every process runs the same command and reads the same global batches."""
+    import os
+
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not (multihost or address):
+        return
+    import jax
+
+    if address:
+        missing = [
+            v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if v not in os.environ
+        ]
+        if missing:
+            raise ValueError(
+                f"JAX_COORDINATOR_ADDRESS is set but {missing} are not; set all three "
+                "(or unset it and pass --multihost on a TPU pod / SLURM cluster)."
+            )
+        jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    else:
+        jax.distributed.initialize()
+
+
 def run_train(args: argparse.Namespace) -> int:
     import gin
 
+    _maybe_initialize_distributed(args.multihost)
     registry = parse_gin(args.gin_file, args.gin_param)
     train_fn = gin.get_configurable("train")
     kwargs = {"config": {"gin": gin.config_str()}}
@@ -153,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         "--gin_param", action="append", default=[], help="gin binding (repeatable)"
     )
     tr.add_argument("--workdir", default=None, help="metrics, checkpoints, curves")
+    tr.add_argument(
+        "--multihost",
+        action="store_true",
+        help="call jax.distributed.initialize() first (TPU pod / SLURM)",
+    )
     mt = sub.add_parser("meta-train", help="meta-train VeLO weights with ES")
     mt.add_argument(
         "--gin_file", action="append", default=[], help="gin file (repeatable)"

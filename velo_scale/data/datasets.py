@@ -79,17 +79,48 @@ def _digits(split: str, data_dir: str | None) -> dict[str, np.ndarray]:
     }
 
 
-_LOADERS: dict[str, Callable[[str, str | None], dict[str, np.ndarray]]] = {
+_LOADERS: dict[str, Callable[[str, str | None], Any]] = {
     "digits": _digits,
     "fashion_mnist": _fashion_mnist,
 }
-DATASETS = tuple(sorted(_LOADERS))
+# Datasets defined in their own modules ("module:function", imported on first
+# use so that optional packages are only needed by the datasets that use
+# them). Each function takes `(split, data_dir)` and returns a dict of equal-
+# length arrays or a random-access source, in its workload's batch format.
+_LAZY_LOADERS: dict[str, str] = {
+    # Small real data shipped in registry packages (the `_small` recipes).
+    "bible_en_es": "velo_scale.data.bible:load_translation",
+    "b3db": "velo_scale.data.molecules:load_b3db",
+    "hopper": "velo_scale.data.hopper:load_hopper",
+    "asterisk_speech": "velo_scale.data.speech:load_asterisk",
+    "adult_clicks": "velo_scale.data.tabular:load_adult",
+    "movielens_clicks": "velo_scale.data.tabular:load_movielens",
+    "mricron_mri": "velo_scale.data.mri:load_mricron",
+    # Full-size datasets (prepared on disk under `data_dir`).
+    "imagenet2012": "velo_scale.data.imagenet:load_imagenet",
+    "wmt17_de_en": "velo_scale.data.bible:load_wmt",
+    "ogbg_molpcba": "velo_scale.data.molecules:load_ogbg_molpcba",
+    "librispeech": "velo_scale.data.speech:load_librispeech",
+    "criteo1tb": "velo_scale.data.tabular:load_criteo",
+    "fastmri": "velo_scale.data.mri:load_fastmri",
+}
+DATASETS = tuple(sorted({*_LOADERS, *_LAZY_LOADERS}))
 
 
-def load_dataset(
-    name: str, split: str, *, data_dir: str | None = None
-) -> dict[str, np.ndarray]:
-    """Loads a whole split of a small real dataset into memory.
+def _loader(name: str) -> Callable[[str, str | None], Any] | None:
+    if name in _LOADERS:
+        return _LOADERS[name]
+    target = _LAZY_LOADERS.get(name)
+    if target is None:
+        return None
+    import importlib
+
+    module, _, fn = target.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def load_dataset(name: str, split: str, *, data_dir: str | None = None) -> Any:
+    """Loads a split of a real dataset (small ones whole, into memory).
 
     Datasets:
       - `"fashion_mnist"`: Fashion-MNIST (Xiao et al. 2017), 28x28x1, 10
@@ -104,8 +135,13 @@ def load_dataset(
       split: "train" or "test".
       data_dir: directory holding the dataset's files, where it has files.
 
+      The other names (`_LAZY_LOADERS`) live in their own modules of
+      `velo_scale.data`, whose docstrings give their formats.
+
     Returns:
-      `{"image": float32[n, h, w, 1] in [0, 1], "label": int32[n] in [0, 10)}`.
+      For the image datasets `{"image": float32[n, h, w, 1] in [0, 1],
+      "label": int32[n] in [0, 10)}`; others a dict of arrays or a
+      random-access source in their workload's format.
 
     Raises:
       ValueError: unknown `name` (the message lists known and close names) or
@@ -113,7 +149,7 @@ def load_dataset(
       FileNotFoundError: the files are missing; the message names the package.
       ImportError: the package that holds the data is not installed.
     """
-    loader = _LOADERS.get(name)
+    loader = _loader(name)
     if loader is None:
         close = difflib.get_close_matches(str(name), DATASETS, n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""

@@ -14,7 +14,9 @@ class TrainState:
 
     Attributes:
       step: i32[], optimizer steps taken (including skipped non-finite ones).
-      params: the model parameters.
+      params: the model parameters (what the optimizer updates).
+      model_state: the model's other variable collections (e.g.
+        `{"batch_stats": ...}`; `{}` for most models).
       opt_state: the optimizer state (VeLO: `velo_scale.VeLOState`).
       rng: u32[2], PRNG key for stochastic layers (split every step).
       data_epoch, data_index: i32[], position of the training iterator after
@@ -25,6 +27,7 @@ class TrainState:
 
     step: jax.Array
     params: Any
+    model_state: Any
     opt_state: Any
     rng: jax.Array
     data_epoch: jax.Array

@@ -1,8 +1,10 @@
 """`train`: the training loop every recipe uses.
 
 Keyword-only arguments, no gin inside (gin binds `train` at the entry point).
-One jitted step: loss and gradients, the optimizer update (VeLO gets
-`loss=`), non-finite steps skipped. Params, optimizer state and batches are
+A `velo_scale.workloads.Workload` says what is trained (model, loss,
+evaluation); a bare `model` means image classification. One jitted step: loss
+and gradients, the optimizer update (VeLO gets `loss=`), non-finite steps
+skipped. Params, optimizer state and batches are
 sharded on a mesh built from `mesh_shape`/`axis_names`; params by the model's
 logical axis annotations and `logical_axis_rules`, the optimizer state by
 `velo_scale.state_shardings`, batches along the `data` axis. The train state
@@ -30,11 +32,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from velo_scale._src import sharding as sharding_lib
-from velo_scale.data import BatchIterator, epoch_batches, load_dataset, load_tfds
+from velo_scale.data import BatchIterator, load_dataset, load_tfds
 from velo_scale.train import checkpoint as ckpt_lib
 from velo_scale.train.metrics import MetricsWriter
 from velo_scale.train.optimizers import Optimizer
 from velo_scale.train.state import TrainState
+from velo_scale.workloads.base import Workload, split_variables
+from velo_scale.workloads.classification import Classification
 
 # Logical axis -> mesh axis. Unlisted logical axes are replicated.
 DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
@@ -60,7 +64,7 @@ class TrainResult:
     Attributes:
       state: the final `TrainState` (on the mesh).
       final_loss: mean training loss over the last 10 logged steps.
-      eval_metrics: the last evaluation (`loss`, `accuracy`), or {}.
+      eval_metrics: the last evaluation (the workload's metrics), or {}.
       steps_per_second: training throughput of this process.
       workdir: where metrics and checkpoints went (or None).
     """
@@ -74,11 +78,15 @@ class TrainResult:
 
 def make_mesh(mesh_shape: Sequence[int] | None, axis_names: Sequence[str]) -> Mesh:
     """A mesh over the first prod(mesh_shape) devices (default: all devices on
-    the first axis). Axis types are Auto (GSPMD)."""
+    the first axis; one -1 entry takes the devices the other axes leave, as
+    for a pod slice of unknown size). Axis types are Auto (GSPMD)."""
     devices = jax.devices()
     if mesh_shape is None:
         mesh_shape = (len(devices),) + (1,) * (len(axis_names) - 1)
     mesh_shape = tuple(int(s) for s in mesh_shape)
+    if mesh_shape.count(-1) == 1:  # -1: all the devices the other axes leave.
+        rest = math.prod(s for s in mesh_shape if s != -1)
+        mesh_shape = tuple(len(devices) // rest if s == -1 else s for s in mesh_shape)
     if len(mesh_shape) != len(axis_names):
         raise ValueError(
             f"mesh_shape {mesh_shape} and axis_names {tuple(axis_names)} must have "
@@ -112,15 +120,10 @@ def _source(data: Any, split: str, data_dir: str | None) -> Any:
     return load_dataset(name, explicit or split, data_dir=data_dir)
 
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return loss, accuracy
-
-
 def train(
     *,
-    model: nn.Module,
+    model: nn.Module | None = None,
+    workload: Workload | None = None,
     optimizer: Callable[..., Optimizer],
     num_steps: int,
     data: Any = "fashion_mnist",
@@ -144,15 +147,20 @@ def train(
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
 ) -> TrainResult:
-    """Trains `model` (logits from `batch["image"]`) with softmax cross-entropy.
+    """Trains a workload (or `model` as an image classifier).
 
     Args:
-      model: a flax linen module with logical-axis annotated params.
+      model: a flax linen module with logical-axis annotated params mapping
+        `batch["image"]` to logits; shorthand for
+        `workload=Classification(model)`.
+      workload: a `velo_scale.workloads.Workload` (model, loss, evaluation);
+        give exactly one of `model` and `workload`.
       optimizer: a factory from `velo_scale.train.optimizers` (called with
         `num_steps`); VeLO receives the loss every step.
       num_steps: total optimizer steps of the run (VeLO's horizon).
       data: dataset name (`velo_scale.data.load_dataset`, `"name:split"`) or
-        a dict of arrays with `image` and `label`; its "train" split is used.
+        a dict of arrays / random-access source in the workload's batch
+        format; a name's "train" split is used.
         `"tfds:name[:split]"` reads a prepared TFDS dataset under `data_dir`.
       eval_data: same; default the "test" split of `data` when it is a name.
       data_dir: where the dataset files are (default: each loader's own).
@@ -183,6 +191,15 @@ def train(
     """
     if num_steps < 1:
         raise ValueError(f"train.num_steps must be >= 1; got {num_steps}.")
+    if (model is None) == (workload is None):
+        raise ValueError(
+            "train needs exactly one of `model` (an image classifier) and "
+            "`workload` (e.g. train.workload = @Classification()); got "
+            f"model={type(model).__name__ if model else None}, "
+            f"workload={type(workload).__name__ if workload else None}."
+        )
+    if workload is None:
+        workload = Classification(model)
     mesh = make_mesh(mesh_shape, axis_names)
     data_axis = axis_names[0]
     if batch_size % mesh.shape[data_axis]:
@@ -211,19 +228,27 @@ def train(
 
     opt = optimizer(num_steps=num_steps)
     init_key = jax.random.PRNGKey(seed)
-    boxed = jax.eval_shape(model.init, init_key, jnp.asarray(sample["image"]))
-    logical_specs = nn.get_partition_spec(boxed)["params"]
-    abstract_params = nn.meta.unbox(boxed)["params"]
+    sample = {k: jnp.asarray(v) for k, v in sample.items()}
+    boxed = jax.eval_shape(workload.init, init_key, sample)
+    logical_specs, logical_state_specs = split_variables(nn.get_partition_spec(boxed))
+    abstract_params, abstract_model_state = split_variables(nn.meta.unbox(boxed))
+    to_sharding = lambda specs: jax.tree_util.tree_map(  # noqa: E731
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+    )
     param_specs = sharding_lib.mesh_param_specs(
         abstract_params,
         nn.logical_to_mesh(logical_specs, logical_axis_rules),
         mesh,
         replicate_indivisible=True,
     )
-    param_sh = jax.tree_util.tree_map(
-        lambda s: NamedSharding(mesh, s),
-        param_specs,
-        is_leaf=lambda x: isinstance(x, P),
+    param_sh = to_sharding(param_specs)
+    model_state_sh = to_sharding(
+        sharding_lib.mesh_param_specs(
+            abstract_model_state,
+            nn.logical_to_mesh(logical_state_specs, logical_axis_rules),
+            mesh,
+            replicate_indivisible=True,
+        )
     )
     opt_sh = sharding_lib.state_shardings(
         opt.tx, abstract_params, mesh, param_specs, replicate_indivisible=True
@@ -232,6 +257,7 @@ def train(
     state_sh = TrainState(
         step=replicated,
         params=param_sh,
+        model_state=model_state_sh,
         opt_state=opt_sh,
         rng=replicated,
         data_epoch=replicated,
@@ -243,13 +269,14 @@ def train(
 
     def init_state(key: jax.Array) -> TrainState:
         params_key, step_key = jax.random.split(key)
-        params = nn.meta.unbox(model.init(params_key, jnp.asarray(sample["image"])))[
-            "params"
-        ]
+        params, model_state = split_variables(
+            nn.meta.unbox(workload.init(params_key, sample))
+        )
         zero = jnp.zeros((), jnp.int32)
         return TrainState(
             step=zero,
             params=params,
+            model_state=model_state,
             opt_state=opt.tx.init(params),
             rng=step_key,
             data_epoch=zero,
@@ -261,15 +288,9 @@ def train(
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
         rng, dropout_key = jax.random.split(state.rng)
 
-        def loss_fn(params):
-            logits = model.apply(
-                {"params": params}, batch["image"], rngs={"dropout": dropout_key}
-            )
-            return _cross_entropy(logits, batch["label"])
-
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
+        (loss, (workload_metrics, model_state)), grads = jax.value_and_grad(
+            workload.loss, has_aux=True
+        )(state.params, state.model_state, batch, dropout_key)
         if opt.takes_loss:
             updates, opt_state = opt.tx.update(
                 grads, state.opt_state, state.params, loss=loss
@@ -289,6 +310,7 @@ def train(
         new_state = state.replace(
             step=state.step + 1,
             params=keep(params, state.params),
+            model_state=keep(model_state, state.model_state),
             opt_state=keep(opt_state, state.opt_state),
             rng=rng,
             nonfinite_streak=streak,
@@ -296,16 +318,11 @@ def train(
         )
         metrics = {
             "loss": loss,
-            "accuracy": accuracy,
+            **workload_metrics,
             "grad_norm": optax.tree.norm(grads),
             "skipped": (~finite).astype(jnp.int32),
         }
         return new_state, metrics
-
-    def eval_step(params, batch):
-        logits = model.apply({"params": params}, batch["image"])
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        return jnp.sum(losses), jnp.sum(jnp.argmax(logits, -1) == batch["label"])
 
     jit_init = jax.jit(init_state, out_shardings=state_sh)
     jit_step = jax.jit(
@@ -314,7 +331,6 @@ def train(
         out_shardings=(state_sh, None),
         donate_argnums=0,
     )
-    jit_eval = jax.jit(eval_step)
 
     # Start: resume the run's own checkpoint, else fresh (or init_from params).
     start_step = checkpointer.latest_step() if checkpointer else None
@@ -353,13 +369,10 @@ def train(
         }
         (workdir / "config.json").write_text(json.dumps(info, indent=2, default=str))
 
-    def evaluate(params) -> dict[str, float]:
-        total, loss_sum, correct = 0, 0.0, 0
-        for batch in epoch_batches(eval_source, eval_batch_size):
-            n = len(batch["label"])
-            s, c = jit_eval(params, {k: jnp.asarray(v) for k, v in batch.items()})
-            loss_sum, correct, total = loss_sum + float(s), correct + int(c), total + n
-        return {"loss": loss_sum / total, "accuracy": correct / total}
+    def evaluate(state: TrainState) -> dict[str, float]:
+        return workload.evaluate(
+            state.params, state.model_state, eval_source, eval_batch_size
+        )
 
     last = num_steps if stop_after is None else min(num_steps, stop_after)
     bar = _progress(progress, first, num_steps)
@@ -395,7 +408,7 @@ def train(
             if eval_source is not None and (
                 (eval_every and step % eval_every == 0) or step == num_steps
             ):
-                eval_metrics = evaluate(state.params)
+                eval_metrics = evaluate(state)
                 if writer:
                     writer.write(step, eval_metrics, split="eval")
             if checkpointer and (
