@@ -149,17 +149,23 @@ def test_logical_axes_errors(tx):
 # --- microbatch loss -------------------------------------------------------
 
 
-def test_mean_loss_over_microbatches():
-    losses = jnp.array([1.0, 2.0, 6.0])
-    assert float(velo_t5x.mean_loss_over_microbatches(losses)) == pytest.approx(3.0)
-    weighted = velo_t5x.mean_loss_over_microbatches(losses, jnp.array([1.0, 1.0, 2.0]))
-    assert float(weighted) == pytest.approx(15.0 / 4.0)
-    jitted = jax.jit(velo_t5x.mean_loss_over_microbatches)(losses)
-    assert float(jitted) == pytest.approx(3.0)
+def test_step_loss_over_microbatches_is_the_sum_like_the_gradients():
+    # T5X sums microbatch gradients; with a loss normalised by the whole
+    # batch, the summed loss and gradient equal the un-microbatched ones.
+    w = jnp.array([0.5, -1.0])
+    x = jnp.arange(12.0).reshape(6, 2)
+    full = lambda w, x: jnp.sum((x @ w) ** 2) / 6.0  # noqa: E731
+    micro = [x[:2], x[2:4], x[4:]]
+    losses = jnp.stack([full(w, m) for m in micro])
+    grads = sum(jax.grad(full)(w, m) for m in micro)
+    step_loss = velo_t5x.step_loss_over_microbatches(losses)
+    assert float(step_loss) == pytest.approx(float(full(w, x)), rel=1e-6)
+    np.testing.assert_allclose(grads, jax.grad(full)(w, x), rtol=1e-6)
+    assert float(
+        jax.jit(velo_t5x.step_loss_over_microbatches)(losses)
+    ) == pytest.approx(float(step_loss))
     with pytest.raises(ValueError, match="one loss per microbatch"):
-        velo_t5x.mean_loss_over_microbatches(jnp.ones((2, 2)))
-    with pytest.raises(ValueError, match="one entry per microbatch"):
-        velo_t5x.mean_loss_over_microbatches(losses, jnp.ones((2,)))
+        velo_t5x.step_loss_over_microbatches(jnp.ones((2, 2)))
 
 
 # --- loss-carrying update --------------------------------------------------

@@ -11,15 +11,15 @@ missing pieces:
 * `velo_optimizer(num_steps, ...)` / `VeLOOptaxWrapper`: an `OptaxWrapper` whose
   hyper-params (`VeLOHyperParams`) carry the loss to `tx.update(..., loss=)`.
 * `VeLOTrainer`: a `t5x.trainer.Trainer` whose train step keeps the loss (the
-  mean over microbatches when `num_microbatches > 1`) and hands it to the
-  optimizer every step.
+  sum over microbatches when `num_microbatches > 1`, like T5X's gradients and
+  its logged loss) and hands it to the optimizer every step.
 * `register_partition_rules()`: registers `VeLOState` with T5X's
   `OptaxStatePartitionRules` (done by `VeLOOptaxWrapper`), so T5X's partitioner
   shards every per-parameter accumulator like its parameter and replicates the
   LSTM state, the loss buffer and the counters.
 
 The logic lives in pure functions that need no t5x (`velo_logical_axes`,
-`mean_loss_over_microbatches`, `loss_carrying_update`, `VeLOHyperParams`); the
+`step_loss_over_microbatches`, `loss_carrying_update`, `VeLOHyperParams`); the
 T5X classes are built on first access (`velo_scale.integrations.t5x.VeLOTrainer`
 imports t5x then), so this module imports without t5x installed.
 
@@ -75,8 +75,8 @@ class VeLOHyperParams:
     Attributes:
       learning_rate: set by T5X's trainer every step; VeLO has no learning rate
         and ignores it.
-      loss: f32[], the training loss of the step's batch (mean over
-        microbatches).
+      loss: f32[], the training loss of the step's batch (with microbatches:
+        their sum, `step_loss_over_microbatches`).
     """
 
     learning_rate: Any = None
@@ -118,42 +118,38 @@ def loss_carrying_update(
     return tx.update(grads, state, params, loss=loss)
 
 
-def mean_loss_over_microbatches(losses: Any, weights: Any = None) -> jax.Array:
-    """The loss of a microbatched step: the (weighted) mean over microbatches.
+def step_loss_over_microbatches(losses: Any) -> jax.Array:
+    """The loss of a microbatched step: the sum of the microbatch losses.
 
-    `sum_i w_i * loss_i / sum_i w_i`, with `w_i = 1` by default: the value
-    `VeLOTrainer` gives VeLO when T5X splits a batch into microbatches (its
-    `clu.metrics.Average` merges `(total, count)` pairs to the same number).
+    T5X sums the gradients of the microbatches
+    (`trainer.accumulate_grads_microbatched`) and logs the step's loss as
+    `metrics.AveragePerStep(total=loss)`, i.e. also the sum. With T5X's usual
+    constant `loss_normalizing_factor` every microbatch loss is normalised by
+    the whole batch's factor, so the sum is exactly the loss of the
+    un-microbatched step and the summed gradient is its gradient. VeLO gets
+    this sum: the loss whose gradient it receives, equal to what the same run
+    without microbatching would give it (a mean would shrink VeLO's loss by
+    the number of microbatches while the gradient stays a sum).
 
     Args:
-      losses: f32[n_microbatches], one scalar loss per microbatch.
-      weights: None, or f32[n_microbatches] non-negative weights (e.g. the
-        number of target tokens of each microbatch).
+      losses: f32[n_microbatches], the scalar loss of each microbatch.
 
     Returns:
-      f32[], the mean loss.
+      f32[], their sum.
 
     Raises:
-      ValueError: `losses` is not a vector, or `weights` has another shape.
+      ValueError: `losses` is not a vector.
 
     Example:
-      >>> float(mean_loss_over_microbatches(jnp.array([1.0, 3.0])))
-      2.0
+      >>> float(step_loss_over_microbatches(jnp.array([1.0, 3.0])))
+      4.0
     """
     losses = jnp.asarray(losses, jnp.float32)
     if losses.ndim != 1:
         raise ValueError(
             f"losses must be a vector with one loss per microbatch; got {losses.shape=}."
         )
-    if weights is None:
-        return jnp.mean(losses)
-    weights = jnp.asarray(weights, jnp.float32)
-    if weights.shape != losses.shape:
-        raise ValueError(
-            "weights must have one entry per microbatch, like losses; got "
-            f"{weights.shape=} and {losses.shape=}."
-        )
-    return jnp.sum(weights * losses) / jnp.sum(weights)
+    return jnp.sum(losses)
 
 
 def _is_spec(x: Any) -> bool:
@@ -311,6 +307,7 @@ def _t5x_classes() -> dict[str, Any]:
     """Builds the classes that subclass t5x's (imports t5x)."""
     try:
         import clu.metrics
+        from t5x import metrics as t5x_metrics
         from t5x import optimizers
         from t5x import train_state as train_state_lib
         from t5x import trainer as trainer_lib
@@ -348,8 +345,8 @@ def _t5x_classes() -> dict[str, Any]:
         """A model whose `loss_fn` also reports the loss as `LOSS_METRIC`.
 
         T5X's microbatch loop merges metrics across microbatches; a
-        `clu.metrics.Average` of the per-microbatch losses merges to their
-        mean (`mean_loss_over_microbatches`).
+        `t5x.metrics.Sum` of the per-microbatch losses merges to their sum
+        (`step_loss_over_microbatches`), like the gradients.
         """
 
         def __init__(self, model):
@@ -362,7 +359,7 @@ def _t5x_classes() -> dict[str, Any]:
             loss, aux = self._model.loss_fn(*args, **kwargs)
             metrics, rest = (aux[0], aux[1:]) if isinstance(aux, tuple) else (aux, None)
             metrics = dict(metrics)
-            metrics[LOSS_METRIC] = clu.metrics.Average.from_model_output(
+            metrics[LOSS_METRIC] = t5x_metrics.Sum.from_model_output(
                 jnp.asarray(loss, jnp.float32)
             )
             return loss, metrics if rest is None else (metrics, *rest)
@@ -424,7 +421,7 @@ def _t5x_classes() -> dict[str, Any]:
 
         The train step is T5X's (microbatching, dropout RNG, flax mutables,
         partitioning), except that the loss of `value_and_grad` is kept (the
-        mean over microbatches) and passed as `loss=` to the optimizer.
+        sum over microbatches, like the gradients) and passed as `loss=` to the optimizer.
         `learning_rate_fn` is optional: VeLO has no learning rate (it is only
         logged).
         """
@@ -508,7 +505,7 @@ __all__ = [
     "LOSS_METRIC",
     "VeLOHyperParams",
     "loss_carrying_update",
-    "mean_loss_over_microbatches",
+    "step_loss_over_microbatches",
     "register_partition_rules",
     "velo_logical_axes",
     "velo_optimizer",
