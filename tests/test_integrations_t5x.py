@@ -346,3 +346,26 @@ def test_t5x_optax_wrapper_derives_logical_axes_and_passes_loss(theta):
     )
     with pytest.raises(ValueError, match="VeLOTrainer"):
         optimizer.apply_gradient(grads, learning_rate=0.0)
+
+
+def test_state_dict_without_none_slots_round_trips():
+    # T5X's checkpointer cannot store VeLO's unused (None) slots: the wrapper
+    # saves the state dict without them and restores them from the template.
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))}
+    state = velo_scale.velo(100, weights=str(CHECKPOINT)).init(params)
+    state_dict = flax.serialization.to_state_dict(state)
+    leaves = jax.tree_util.tree_leaves(state_dict, is_leaf=lambda x: x is None)
+    assert any(x is None for x in leaves), "the case must have None slots"
+    saved = velo_t5x.drop_none_leaves(state_dict)
+    assert all(
+        x is not None
+        for x in jax.tree_util.tree_leaves(saved, is_leaf=lambda x: x is None)
+    )
+    restored = flax.serialization.from_state_dict(
+        state, velo_t5x.restore_none_leaves(saved, state_dict)
+    )
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)
+    ):
+        np.testing.assert_array_equal(a, b)

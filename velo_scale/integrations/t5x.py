@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import flax.serialization
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -150,6 +151,49 @@ def step_loss_over_microbatches(losses: Any) -> jax.Array:
             f"losses must be a vector with one loss per microbatch; got {losses.shape=}."
         )
     return jnp.sum(losses)
+
+
+def drop_none_leaves(state_dict: Any) -> Any:
+    """The state dict without its `None` leaves (for T5X's checkpointer).
+
+    `VeLOState` keeps `None` where a slot is unused (the factored accumulators
+    of non-matrix tensors, `accumulation` when `num_steps` fits VeLO's
+    horizon). T5X's checkpointer would try to save and restore those leaves as
+    arrays; `VeLOOptaxWrapper.state_dict` drops them and `restore_state` puts
+    them back with `restore_none_leaves`.
+
+    Args:
+      state_dict: nested dicts (`flax.serialization.to_state_dict` output).
+
+    Returns:
+      The same nesting without `None` leaves (dicts left empty are removed).
+    """
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(state_dict, sep="/")
+    return traverse_util.unflatten_dict(
+        {k: v for k, v in flat.items() if v is not None}, sep="/"
+    )
+
+
+def restore_none_leaves(state_dict: Any, reference: Any) -> Any:
+    """`state_dict` with the `None` leaves of `reference` put back.
+
+    Args:
+      state_dict: a state dict saved without its `None` leaves.
+      reference: the state dict of a freshly initialised state (the template).
+
+    Returns:
+      `state_dict` with every path that is `None` in `reference` (and absent
+      from `state_dict`) set to `None`.
+    """
+    from flax import traverse_util
+
+    flat = dict(traverse_util.flatten_dict(state_dict, sep="/"))
+    for key, value in traverse_util.flatten_dict(reference, sep="/").items():
+        if value is None and key not in flat:
+            flat[key] = None
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _is_spec(x: Any) -> bool:
@@ -320,13 +364,34 @@ def _t5x_classes() -> dict[str, Any]:
         `tx` is `velo_scale.velo(...)` or an optax chain holding it. The loss
         comes from the hyper-params (`VeLOHyperParams.loss`), which
         `VeLOTrainer` sets every step. Constructing it registers `VeLOState`
-        with T5X's partition rules.
+        with T5X's partition rules. Its state dict leaves out VeLO's unused
+        (`None`) slots, which T5X's checkpointer cannot store, and restoring
+        puts them back.
         """
 
         def __init__(self, optax_optimizer: optax.GradientTransformation):
             super().__init__(optax_optimizer)
             self.hyper_params = VeLOHyperParams()
             register_partition_rules()
+
+        # Only inside `param_states` does None mean "no slot": elsewhere (the
+        # step, the params) a None leaf of an axes tree means "replicated",
+        # and VeLO's replicated leaves have `PartitionSpec()`.
+        def state_dict(self, target, state):
+            out = super().state_dict(target, state)
+            slots = drop_none_leaves(out["state"]["param_states"])
+            return {**out, "state": {**out["state"], "param_states": slots}}
+
+        def restore_state(self, opt_target, opt_state, state_dict):
+            reference = flax.serialization.to_state_dict(opt_state.param_states)
+            slots = restore_none_leaves(
+                state_dict["state"].get("param_states", {}), reference
+            )
+            state_dict = {
+                **state_dict,
+                "state": {**state_dict["state"], "param_states": slots},
+            }
+            return super().restore_state(opt_target, opt_state, state_dict)
 
         def apply_gradient(self, hyper_params, params, state, grads):
             updates, new_state = loss_carrying_update(
@@ -504,6 +569,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "LOSS_METRIC",
     "VeLOHyperParams",
+    "drop_none_leaves",
+    "restore_none_leaves",
     "loss_carrying_update",
     "step_loss_over_microbatches",
     "register_partition_rules",
