@@ -117,6 +117,8 @@ def as_source(source: Mapping[str, np.ndarray] | RandomAccessSource | Source) ->
     """
     if isinstance(source, (ArraySource, RecordSource)):
         return source
+    if callable(getattr(source, "gather", None)) and hasattr(source, "__len__"):
+        return source  # Reads whole batches itself (e.g. a streamed file source).
     if isinstance(source, Mapping):
         return ArraySource(source)
     if isinstance(source, np.ndarray):
@@ -137,6 +139,44 @@ def _check_batch_size(batch_size: int) -> None:
         raise TypeError(f"batch_size must be an int; got {batch_size!r}.")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive; got {batch_size=}.")
+
+
+# Above this many examples an epoch's order is not materialised (an int64
+# permutation of Criteo 1TB's 4.2e9 clicks would take 34 GB): blocks of
+# `SHUFFLE_BLOCK` consecutive examples are visited in a random order, and the
+# examples inside a block in a random affine order (a bijection of the block).
+LARGE_DATASET = 1 << 26
+SHUFFLE_BLOCK = 1 << 20
+
+
+def _block_shuffled(n: int, seed: int, epoch: int, start: int, stop: int) -> np.ndarray:
+    """Positions `[start, stop)` of the block-wise shuffled order of `range(n)`.
+
+    The blocks (`SHUFFLE_BLOCK` consecutive examples each, the last one
+    possibly shorter) are visited in a random order; inside block `b` of size
+    `m`, the `o`-th example served is `(a_b * o + c_b) mod m` with `a_b`
+    coprime to `m` (a bijection), so every epoch visits every example exactly
+    once. Deterministic in `(seed, epoch)`.
+    """
+    num_blocks = -(-n // SHUFFLE_BLOCK)
+    sizes = np.full(num_blocks, SHUFFLE_BLOCK, np.int64)
+    sizes[-1] = n - SHUFFLE_BLOCK * (num_blocks - 1)
+    rng = np.random.default_rng([seed, epoch])
+    block_order = rng.permutation(num_blocks)
+    mults = rng.integers(0, SHUFFLE_BLOCK // 2, size=num_blocks) * 2 + 1
+    shifts = rng.integers(0, SHUFFLE_BLOCK, size=num_blocks)
+    while True:  # Coprime with the (possibly short) block size.
+        bad = np.gcd(mults, sizes) != 1
+        if not bad.any():
+            break
+        mults[bad] += 2
+    ends = np.cumsum(sizes[block_order])
+    positions = np.arange(start, stop, dtype=np.int64)
+    slots = np.searchsorted(ends, positions, side="right")
+    blocks = block_order[slots]
+    offsets = positions - (ends[slots] - sizes[blocks])
+    inner = (mults[blocks] * offsets + shifts[blocks]) % sizes[blocks]
+    return blocks * SHUFFLE_BLOCK + inner
 
 
 class BatchIterator(Iterator[Batch]):
@@ -209,7 +249,11 @@ class BatchIterator(Iterator[Batch]):
         return full + int(rest > 0 and not self.drop_remainder)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The example indices of `epoch` in serving order: int64[n]."""
+        """The example indices of `epoch` in serving order: int64[n].
+
+        Only for datasets of at most `LARGE_DATASET` examples; larger ones are
+        ordered block-wise without materialising the order (`_order_slice`).
+        """
         if self._order is None or self._order_epoch != epoch:
             if self.shuffle:
                 rng = np.random.default_rng([self.seed, epoch])
@@ -226,9 +270,17 @@ class BatchIterator(Iterator[Batch]):
     def __iter__(self) -> BatchIterator:
         return self
 
+    def _order_slice(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """Positions `[start, stop)` of epoch `epoch`'s serving order."""
+        if self.num_examples <= LARGE_DATASET or not self.shuffle:
+            if not self.shuffle:
+                return np.arange(start, stop, dtype=np.int64)
+            return self.epoch_order(epoch)[start:stop]
+        return _block_shuffled(self.num_examples, self.seed, epoch, start, stop)
+
     def __next__(self) -> Batch:
         stop = min(self._index + self.batch_size, self.num_examples)
-        batch = self._source.gather(self.epoch_order(self._epoch)[self._index : stop])
+        batch = self._source.gather(self._order_slice(self._epoch, self._index, stop))
         self._index = stop
         if self._epoch_done(self._index):
             self._epoch, self._index = self._epoch + 1, 0
