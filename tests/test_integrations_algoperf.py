@@ -286,3 +286,44 @@ def test_matches_installed_algoperf_api():
         ours = inspect.signature(getattr(submission, name)).parameters
         theirs = inspect.signature(getattr(spec, name)).parameters
         assert list(ours) == list(theirs), name
+
+
+def test_ogbg_raw_layout_from_real_molecules(tmp_path):
+    # The files AlgoPerf's TFDS ogbg_molpcba builder reads, written from B3DB
+    # molecules: consistent counts, each bond once, 128 tasks with task 0 set.
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("rdkit")
+    from velo_scale.integrations.algoperf import offline_data
+
+    n = offline_data.write_ogbg_raw(tmp_path, max_molecules=40)
+    assert n == 40
+    raw = tmp_path / "pcba" / "raw"
+    read = lambda name: pd.read_csv(raw / name, compression="gzip", header=None).values  # noqa: E731
+    num_nodes, num_edges = (
+        read("num-node-list.csv.gz")[:, 0],
+        read("num-edge-list.csv.gz")[:, 0],
+    )
+    edges, node_feat = read("edge.csv.gz"), read("node-feat.csv.gz")
+    edge_feat, labels = read("edge-feat.csv.gz"), read("graph-label.csv.gz")
+    assert node_feat.shape == (num_nodes.sum(), 9)
+    assert edges.shape == edge_feat.shape[:1] + (2,) == (num_edges.sum(), 2)
+    assert labels.shape == (40, 128)
+    assert set(np.unique(labels[:, 0])) <= {0.0, 1.0}
+    assert np.isnan(labels[:, 1:]).all()
+    # Local node indices, each undirected bond listed once.
+    start = 0
+    for nodes, m in zip(num_nodes, num_edges):
+        block = edges[start : start + m]
+        assert (block >= 0).all() and (block < nodes).all()
+        pairs = {tuple(sorted(e)) for e in block.tolist()}
+        assert len(pairs) == m  # no bond twice
+        start += m
+    splits = [
+        pd.read_csv(
+            tmp_path / "pcba" / "split" / "scaffold" / f"{s}.csv.gz", header=None
+        )
+        .values[:, 0]
+        .tolist()
+        for s in ("train", "valid", "test")
+    ]
+    assert sorted(sum(splits, [])) == list(range(40))
