@@ -272,7 +272,13 @@ def test_every_gin_file_parses_and_binds(path, monkeypatch):
     if path.parent.name == "recipes":
         # A recipe binds everything train needs.
         assert gin.query_parameter("train.num_steps") > 0
-        assert gin.query_parameter("train.model") is not None
+        bound = []
+        for name in ("train.model", "train.workload"):
+            try:
+                bound.append(gin.query_parameter(name) is not None)
+            except ValueError:  # not bound
+                bound.append(False)
+        assert sum(bound) == 1, "a recipe binds exactly one of model / workload"
         assert gin.query_parameter("train.optimizer") is not None
 
 
