@@ -20,8 +20,8 @@ def _count(module, shape):
 
 @pytest.mark.parametrize(
     "sizes,expected",
-    [(ViT.B16, 86_567_656), (ViT.S16, 22_050_664)],
-    ids=["ViT-B/16", "ViT-S/16"],
+    [(ViT.B16, 86_567_656), (ViT.S16, 22_050_664), (ViT.S16_ALGOPERF, 22_122_472)],
+    ids=["ViT-B/16", "ViT-S/16", "ViT-S/16-AlgoPerf"],
 )
 def test_vit_parameter_counts(sizes, expected):
     assert _count(ViT(**sizes, num_classes=1000), (1, 224, 224, 3)) == expected
