@@ -325,3 +325,29 @@ def test_large_dataset_order_is_blockwise_permutation_and_resumable(monkeypatch,
     resumed = iterator_lib.BatchIterator(data, 3, seed=5, drop_remainder=False)
     resumed.set_state({"epoch": 0, "index": 6})
     np.testing.assert_array_equal(next(resumed)["x"], epoch0[6:9])
+
+
+def test_sources_with_epoch_dependent_records_get_the_epoch():
+    # Random augmentation that changes every epoch (ImageNet crops) must see
+    # the epoch; resuming restores it with the position.
+    from velo_scale.data.iterator import BatchIterator
+
+    class Augmented:
+        def __init__(self):
+            self.epoch = 0
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"x": np.asarray(10 * self.epoch + i)}
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+    it = BatchIterator(Augmented(), 4, seed=0, shuffle=False)
+    assert next(it)["x"].tolist() == [0, 1, 2, 3]
+    assert next(it)["x"].tolist() == [10, 11, 12, 13]
+    resumed = BatchIterator(Augmented(), 4, seed=0, shuffle=False)
+    resumed.set_state({"epoch": 2, "index": 0})
+    assert next(resumed)["x"].tolist() == [20, 21, 22, 23]

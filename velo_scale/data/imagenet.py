@@ -186,9 +186,9 @@ def preprocess_eval(
     return normalize(_crop_resize(image, box, image_size))
 
 
-def record_rng(seed: int, index: int) -> np.random.Generator:
-    """The generator of record `index`'s augmentation."""
-    return np.random.default_rng([seed, index])
+def record_rng(seed: int, index: int, epoch: int = 0) -> np.random.Generator:
+    """The generator of record `index`'s augmentation in epoch `epoch`."""
+    return np.random.default_rng([seed, index] if epoch == 0 else [seed, index, epoch])
 
 
 class ImageNetSource:
@@ -198,8 +198,9 @@ class ImageNetSource:
     Args:
       records: a random-access source of raw TFDS records (`image`: encoded
         bytes or uint8 [H, W, 3]; `label`: int).
-      train: random crop + flip (deterministic per `(seed, index)`) or the
-        eval centre crop.
+      train: random crop + flip (deterministic per `(seed, index, epoch)`;
+        `BatchIterator` sets the epoch with `set_epoch`) or the eval centre
+        crop.
       seed: augmentation seed.
       image_size: output side in pixels.
     """
@@ -216,13 +217,18 @@ class ImageNetSource:
         self.train = train
         self.seed = seed
         self.image_size = image_size
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def set_epoch(self, epoch: int) -> None:
+        """New crops and flips every epoch (called by `BatchIterator`)."""
+        self.epoch = int(epoch)
+
     def _process(self, index: int, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if self.train:
-            rng = record_rng(self.seed, index)
+            rng = record_rng(self.seed, index, self.epoch)
             image = preprocess_train(record["image"], rng, image_size=self.image_size)
         else:
             image = preprocess_eval(record["image"], image_size=self.image_size)

@@ -88,6 +88,13 @@ class RecordSource:
     def __len__(self) -> int:
         return self._n
 
+    def set_epoch(self, epoch: int) -> None:
+        """Forwards the epoch to sources whose records depend on it (random
+        augmentation)."""
+        set_epoch = getattr(self.source, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
+
     def gather(self, indices: np.ndarray) -> Batch:
         """Reads `source[i]` for each index and stacks each field on axis 0."""
         keys = [int(i) for i in indices]
@@ -280,6 +287,9 @@ class BatchIterator(Iterator[Batch]):
 
     def __next__(self) -> Batch:
         stop = min(self._index + self.batch_size, self.num_examples)
+        set_epoch = getattr(self._source, "set_epoch", None)
+        if set_epoch is not None:  # Per-epoch augmentation of the source.
+            set_epoch(self._epoch)
         batch = self._source.gather(self._order_slice(self._epoch, self._index, stop))
         self._index = stop
         if self._epoch_done(self._index):
