@@ -5,6 +5,7 @@
   velo-scale meta-train --gin_file gin_configs/meta/digits_small.gin --workdir DIR
   velo-scale plot DIR [DIR ...] -o curves.png
   velo-scale compare DIR [DIR ...]
+  velo-scale eval --gin_file gin_configs/eval/heldout.gin --weights auto --out EVAL.md
 
 This is the only module that reads flags and gin; it binds
 `velo_scale.train.train` and the optimizer/model factories by name.
@@ -200,6 +201,30 @@ def run_meta_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval(args: argparse.Namespace) -> int:
+    """The held-out (VeLOdrome-style) suite of `velo_scale.meta.evaluation`."""
+    import gin
+
+    from velo_scale.meta import evaluation
+
+    if not args.gin_file:
+        raise ValueError(
+            "eval needs --gin_file (e.g. gin_configs/eval/heldout.gin or "
+            "gin_configs/eval/quick.gin)."
+        )
+    for name, fn in evaluation.GIN_CONFIGURABLES.items():
+        if not gin.config._REGISTRY.get_match(name):  # noqa: SLF001
+            gin.external_configurable(fn, name)
+    parse_gin(args.gin_file, args.gin_param)
+    kwargs = {"velo_weights": args.weights, "out": args.out}
+    if args.workdir:
+        kwargs["cache_dir"] = args.workdir
+    results = gin.get_configurable("run_suite")(**kwargs)
+    print(evaluation.markdown_table(results), flush=True)
+    print(evaluation.summary_line(results), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="velo-scale", description="VeLO training tools."
@@ -234,6 +259,22 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--labels", default=None, help="comma-separated run labels")
     cp = sub.add_parser("compare", help="table of final metrics of runs")
     cp.add_argument("workdirs", nargs="+")
+    ev = sub.add_parser(
+        "eval", help="held-out suite: VeLO vs tuned AdamW / NAdamW (EVAL.md)"
+    )
+    ev.add_argument(
+        "--gin_file", action="append", default=[], help="gin file (repeatable)"
+    )
+    ev.add_argument(
+        "--gin_param", action="append", default=[], help="gin binding (repeatable)"
+    )
+    ev.add_argument(
+        "--weights", default="auto", help="VeLO weights: auto, official or a path"
+    )
+    ev.add_argument("--out", default="EVAL.md", help="markdown report (+ _curves.png)")
+    ev.add_argument(
+        "--workdir", default=None, help="keep per-run records here; reruns resume"
+    )
     args = parser.parse_args(argv)
 
     from velo_scale._src.weights import WeightsError
@@ -245,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(args)
         if args.command == "meta-train":
             return run_meta_train(args)
+        if args.command == "eval":
+            return run_eval(args)
         from velo_scale.train import reports
 
         if args.command == "plot":
