@@ -325,10 +325,14 @@ def save_weights(
     step: int = 0,
 ) -> None:
     """Writes theta in the official format, atomically (temp file + rename)."""
-    _atomic_write(pathlib.Path(path), weights_to_bytes(theta, gen_id=gen_id, step=step))
+    atomic_write_bytes(
+        pathlib.Path(path), weights_to_bytes(theta, gen_id=gen_id, step=step)
+    )
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+    """Writes `data` to `path` via a temporary file in the same folder and a
+    rename (readable 0o644), so `path` is never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -336,6 +340,7 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
@@ -362,7 +367,7 @@ def _resolve_default() -> tuple[bytes, str]:
         if len(data) == OFFICIAL_WEIGHTS_BYTES:
             return data, str(cached)
     data = _download(OFFICIAL_WEIGHTS_URL, expected_bytes=OFFICIAL_WEIGHTS_BYTES)
-    _atomic_write(cached, data)
+    atomic_write_bytes(cached, data)
     return data, str(cached)
 
 

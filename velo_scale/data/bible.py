@@ -45,12 +45,13 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from velo_scale.data import cache as cache_lib
 
 SWORD_DIR = "/usr/share/sword"
 SWORD_ENV = "VELO_SCALE_SWORD"
@@ -189,26 +190,8 @@ def read_verses(
 
 
 def cache_dir() -> pathlib.Path:
-    """`$VELO_SCALE_CACHE` (else `$XDG_CACHE_HOME/velo_scale`, default
-    `~/.cache/velo_scale`), then `bible/`."""
-    root = os.environ.get("VELO_SCALE_CACHE")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-        root = os.path.join(xdg, "velo_scale")
-    return pathlib.Path(root).expanduser() / "bible"
-
-
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """The Bible cache: `velo_scale.data.cache.cache_dir("bible")`."""
+    return cache_lib.cache_dir("bible")
 
 
 def verse_pairs(
@@ -232,7 +215,7 @@ def verse_pairs(
     pairs = [(ref, text, tgt[ref]) for ref, text in src.items() if ref in tgt]
     if books is None:
         blob = json.dumps(pairs, ensure_ascii=False).encode("utf-8")
-        _atomic_write(path, gzip.compress(blob, mtime=0))
+        cache_lib.atomic_write_bytes(path, gzip.compress(blob, mtime=0))
     return pairs
 
 
@@ -339,7 +322,7 @@ def bible_vocab(
     )
     sentences = [s for ref, en, es in pairs if not is_test_verse(ref) for s in (en, es)]
     blob = train_sentencepiece(sentences, vocab_size)
-    _atomic_write(path, blob)
+    cache_lib.atomic_write_bytes(path, blob)
     return SentencePieceVocab(blob)
 
 

@@ -44,12 +44,13 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from velo_scale.data import cache as cache_lib
 
 ENV_ID = "Hopper-v5"
 STATE_DIM = 11
@@ -390,31 +391,13 @@ def generate_hopper_dataset(
     }
     data["info"] = np.asarray(json.dumps(info))
     if path is not None:
-        _atomic_savez(pathlib.Path(path), data)
+        cache_lib.save_npz_atomic(path, data)
     return data
 
 
-def _atomic_savez(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cache_dir() -> pathlib.Path:
-    """`$VELO_SCALE_CACHE` or `$XDG_CACHE_HOME/velo_scale` (default
-    `~/.cache/velo_scale`), then `hopper/`."""
-    root = os.environ.get(CACHE_ENV)
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-        root = os.path.join(xdg, "velo_scale")
-    return pathlib.Path(root).expanduser() / "hopper"
+    """The Hopper cache: `velo_scale.data.cache.cache_dir("hopper")`."""
+    return cache_lib.cache_dir("hopper")
 
 
 def generated_file_name(config: Generation) -> str:

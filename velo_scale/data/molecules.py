@@ -36,13 +36,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
-import os
 import pathlib
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from velo_scale.data import cache as cache_lib
 
 MOLECULES_MISSING_MSG = (
     "The 'b3db' dataset needs rdkit and the qc-B3DB package (which ships "
@@ -215,26 +215,7 @@ def _b3db_file() -> pathlib.Path:
 
 
 def _cache_dir() -> pathlib.Path:
-    root = os.environ.get("VELO_SCALE_CACHE")
-    if not root:
-        root = os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"),
-            "velo_scale",
-        )
-    return pathlib.Path(root).expanduser()
-
-
-def _save_atomic(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    return cache_lib.cache_dir()
 
 
 def _featurise_b3db(
@@ -313,7 +294,7 @@ def load_b3db(
             data = None
     if data is None:
         data = _featurise_b3db(path, max_nodes, max_edges)
-        _save_atomic(cache, data)
+        cache_lib.save_npz_atomic(cache, data)
     order = np.random.default_rng(B3DB_SEED).permutation(B3DB_NUM_MOLECULES)
     test_rows = order[: int(round(B3DB_TEST_FRACTION * B3DB_NUM_MOLECULES))]
     in_test = np.isin(data["row"], test_rows)

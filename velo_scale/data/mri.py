@@ -47,6 +47,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from velo_scale.data import cache as cache_lib
+
 ACCELERATION = 4
 CENTER_FRACTION = 0.08
 CLIP = 6.0
@@ -281,8 +283,7 @@ def _volume_slices(path: pathlib.Path, image_size: int) -> np.ndarray:
 
 
 def _cache_dir() -> pathlib.Path:
-    root = os.environ.get("VELO_SCALE_CACHE") or "~/.cache/velo_scale"
-    return pathlib.Path(root).expanduser() / "mricron_mri"
+    return cache_lib.cache_dir("mricron_mri")
 
 
 def mricron_volume(name: str, data_dir: str | None, image_size: int) -> np.ndarray:
@@ -303,10 +304,7 @@ def mricron_volume(name: str, data_dir: str | None, image_size: int) -> np.ndarr
     if cache.exists():
         return np.load(cache)
     slices = _volume_slices(path, image_size)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, slices)
-    os.replace(tmp, cache)
+    cache_lib.save_npy_atomic(cache, slices)
     return slices
 
 

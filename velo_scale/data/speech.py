@@ -30,10 +30,11 @@ import math
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+
+from velo_scale.data import cache as cache_lib
 
 # -- log-mel filterbank -------------------------------------------------------
 
@@ -302,23 +303,7 @@ _CACHE_VERSION = 1
 
 
 def _cache_dir() -> pathlib.Path:
-    root = os.environ.get("VELO_SCALE_CACHE")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-        root = os.path.join(xdg, "velo_scale")
-    return pathlib.Path(root).expanduser()
-
-
-def _save_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    return cache_lib.cache_dir()
 
 
 def read_asterisk_transcripts(path: str | os.PathLike) -> dict[str, str]:
@@ -418,7 +403,7 @@ def asterisk_utterances(data_dir: str | None = None) -> dict[str, np.ndarray]:
         "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         "num_samples": np.array(num_samples, np.int64),
     }
-    _save_atomic(cache, arrays)
+    cache_lib.save_npz_atomic(cache, arrays)
     return arrays
 
 

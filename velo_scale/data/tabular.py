@@ -51,6 +51,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from velo_scale.data import cache as cache_lib
+
 NUM_DENSE = 13
 NUM_SPARSE = 26
 SMALL_HASH_BUCKETS = 2**22  # 4,194,304: DLRM-small's embedding rows.
@@ -375,10 +377,7 @@ class CriteoSource:
             offsets = np.load(cached, mmap_mode="r")
         else:
             offsets = _scan_newlines(self._map(f), stat.st_size)
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".tmp{os.getpid()}.npy")
-            np.save(tmp, offsets)
-            os.replace(tmp, cached)
+            cache_lib.save_npy_atomic(cached, offsets)
         lines = len(offsets) - 1
         if f in self._assumed and lines != self._assumed[f]:
             raise ValueError(
@@ -480,11 +479,7 @@ def _check_split(name: str, split: str) -> None:
 
 
 def _cache_root() -> pathlib.Path:
-    root = os.environ.get("VELO_SCALE_CACHE")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-        root = os.path.join(xdg, "velo_scale")
-    return pathlib.Path(root).expanduser()
+    return cache_lib.cache_dir()
 
 
 def widedeep_data_dir() -> pathlib.Path | None:
