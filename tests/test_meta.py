@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -128,3 +129,121 @@ def test_meta_train_resumes_bit_identically_and_exports(tmp_path):
     tx.update(params, tx.init(params), params, loss=1.0)
     info = (tmp_path / "a" / "params.json").read_text()
     assert '"outer_steps": 3' in info and "digits_mlp" in info
+
+
+def test_estimator_compiles_once_per_static_config_and_is_deterministic():
+    """Two task objects with the same configuration (equal data, equal
+    hyperparameters) share one compiled ES estimator, also across the
+    `estimates_per_task` estimates; a rerun gives bit-identical theta."""
+    from velo_scale.meta import train as train_lib
+    from velo_scale.meta.es import task_signature
+
+    a, b = _task(), _task()
+    other = digits_mlp_task(hidden=(4,), batch_size=16)
+    assert a is not b and task_signature(a) == task_signature(b)
+    assert task_signature(a) != task_signature(other)
+    kw = dict(
+        tasks=[a, b],
+        num_outer_steps=2,
+        architecture=velo_scale.Architecture(**SMALL),
+        unroll_lengths=(3,),
+        num_pairs=8,
+        estimates_per_task=2,
+        last_k=2,
+        init_theta="random",
+        progress=False,
+    )
+    runs = []
+    for _ in range(2):
+        train_lib.TRACES.clear()
+        runs.append(train_lib.meta_train(**kw))
+        # 2 tasks x 2 estimates x 2 outer steps = 8 calls, one trace.
+        assert dict(train_lib.TRACES) == {task_signature(a): 1}
+    for x, y in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(ValueError, match="estimates_per_task"):
+        train_lib.meta_train(**{**kw, "estimates_per_task": 0})
+
+
+def _toy_pes_fns(c, x0):
+    """Inner task: gradient descent with per-coordinate step theta["lr"] on
+    0.5 * sum(c x^2) from x0; per-step loss before each update."""
+
+    def init_fn(theta, unroll_key):
+        return x0
+
+    def step_fn(theta, x, unroll_key, t):
+        loss = 0.5 * jnp.sum(c * x**2)
+        return x - theta["lr"] * c * x, loss
+
+    return init_fn, step_fn
+
+
+def test_pes_matches_the_full_unroll_gradient_in_expectation():
+    """Summed over an unroll's truncations, PES estimates the gradient of the
+    mean loss of the full unroll: its mean over unrolls agrees with the exact
+    gradient and with full-unroll antithetic ES within their noise."""
+    import functools
+
+    from velo_scale.meta.es import pes_estimate, pes_init
+
+    c, x0 = jnp.array([1.0, 0.5, 2.0]), jnp.array([1.0, -1.0, 0.5])
+    theta = {"lr": jnp.array([0.3, 0.2, 0.1])}
+    init_fn, step_fn = _toy_pes_fns(c, x0)
+    n_steps, k, pairs, sigma, unrolls = 8, 2, 500, 0.01, 24
+
+    def full_loss(th):
+        def body(x, t):
+            return step_fn(th, x, None, t)
+
+        return jnp.mean(jax.lax.scan(body, x0, jnp.arange(n_steps))[1])
+
+    exact = jax.grad(full_loss)(theta)["lr"]
+    pes = jax.jit(
+        functools.partial(
+            pes_estimate,
+            init_fn=init_fn,
+            step_fn=step_fn,
+            num_pairs=pairs,
+            sigma=sigma,
+            num_steps=n_steps,
+            truncation_length=k,
+        )
+    )
+    state = pes_init(theta, init_fn, jax.random.PRNGKey(0), pairs)
+    per_unroll = []
+    for u in range(unrolls):
+        total = 0.0
+        for j in range(n_steps // k):
+            g, _, state = pes(theta, state, jax.random.PRNGKey(1000 * u + j))
+            total = total + g["lr"]
+        assert int(state.t) == 0  # the unroll ended; the next one restarts
+        per_unroll.append(np.asarray(total))
+    per_unroll = np.stack(per_unroll)
+    mean, se = per_unroll.mean(0), per_unroll.std(0) / np.sqrt(unrolls)
+    assert np.all(np.abs(mean - exact) < 5 * se + 1e-3), (mean, exact, se)
+    es = jax.jit(
+        lambda key: antithetic_estimate(full_loss, theta, key, pairs, sigma)[0]
+    )
+    es_runs = np.stack(
+        [np.asarray(es(jax.random.PRNGKey(7 + u))["lr"]) for u in range(unrolls)]
+    )
+    es_se = es_runs.std(0) / np.sqrt(unrolls)
+    assert np.all(np.abs(es_runs.mean(0) - exact) < 5 * es_se + 1e-3)
+    assert np.all(np.abs(mean - es_runs.mean(0)) < 5 * np.hypot(se, es_se) + 1e-3)
+
+
+def test_pes_gradient_on_a_velo_task():
+    from velo_scale.meta.es import pes_gradient, pes_task_init
+
+    theta, task = _theta(), _task()
+    config = ESConfig(num_pairs=2, sigma=0.01, num_steps=4, truncation_length=2)
+    state = pes_task_init(theta, task, jax.random.PRNGKey(0), config)
+    step = jax.jit(lambda s, k: pes_gradient(theta, task, s, k, config))
+    for i, t in enumerate([2, 0, 2]):
+        grad, loss, state = step(state, jax.random.PRNGKey(i))
+        assert int(state.t) == t and np.isfinite(float(loss))
+        assert jax.tree.structure(grad) == jax.tree.structure(theta)
+        assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grad))
+    with pytest.raises(ValueError, match="truncation_length"):
+        ESConfig(num_steps=5, truncation_length=2)

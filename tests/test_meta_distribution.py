@@ -30,6 +30,7 @@ def test_sampled_tasks_cover_the_families_and_run():
     tasks = [sample_task(rng) for _ in range(40)]
     kinds = {type(getattr(t, "task", t)).__name__ for t in tasks}
     assert {"ClassificationTask", "ConvTask", "AutoencoderTask"} <= kinds
+    assert {"ViTTask", "LSTMLMTask", "TransformerLMTask"} <= kinds
     assert any(isinstance(t, AugmentedTask) for t in tasks)
     for cls in (ConvTask, AutoencoderTask, AugmentedTask):
         _finite_step(

@@ -1,8 +1,11 @@
 """The outer loop of meta-training: ES gradients, Adam on theta, checkpoints.
 
-Each outer step draws one ES estimate per task (antithetic pairs sharded over
-the `pop` mesh axis), normalises each task's estimate to unit length,
-averages them and takes an Adam step on the meta-parameters. The unroll length
+Each outer step draws `estimates_per_task` ES estimates per task (antithetic
+pairs sharded over the `pop` mesh axis), normalises each estimate to unit
+length, averages them and takes an Adam step on the meta-parameters. The
+estimator is compiled once per static task configuration (`task_signature`)
+and unroll length and reused by every task and estimate that shares it
+(paper App. E.3: compilation is the expensive part). The unroll length
 follows a curriculum over a few discrete lengths (short first), so each length
 compiles once. The meta-parameters, the outer optimizer state and the RNG are
 checkpointed with orbax (resume is bit-identical), and the result is exported
@@ -11,6 +14,7 @@ in the official `params` format with a JSON of sizes and provenance.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import pathlib
@@ -27,11 +31,15 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from velo_scale._src import weights as weights_lib
-from velo_scale.meta.es import ESConfig, es_gradient, normalise
+from velo_scale.meta.es import ESConfig, es_gradient, normalise, task_signature
 from velo_scale.meta.init import normalised_momentum_theta
 
 # A network small enough to meta-train on 2 CPU cores.
 SMALL_ARCHITECTURE = weights_lib.Architecture(lstm_hidden_size=32, param_inits=16)
+
+# Traces (= compilations) of the ES estimator per task signature, for tests and
+# logs: tasks sharing a static configuration share one compiled estimator.
+TRACES: collections.Counter = collections.Counter()
 
 
 @flax.struct.dataclass
@@ -57,6 +65,7 @@ def meta_train(
     architecture: weights_lib.Architecture = SMALL_ARCHITECTURE,
     unroll_lengths: Sequence[int] = (20, 50, 100),
     num_pairs: int = 8,
+    estimates_per_task: int = 1,
     sigma: float = 0.01,
     last_k: int = 5,
     learning_rate: float = 1e-3,
@@ -77,6 +86,11 @@ def meta_train(
       architecture: sizes of the meta-trained network.
       unroll_lengths: the curriculum of inner horizons.
       num_pairs, sigma, last_k: ES settings (`ESConfig`).
+      estimates_per_task: independent ES estimates per task per outer step
+        (fresh perturbations, initialisation and batches each; paper E.3:
+        compilation, not running, is the expensive part of a new task). Each
+        estimate is normalised to unit length, then all are averaged, so
+        every task keeps equal weight.
       learning_rate: Adam's step on theta.
       seed: theta init, perturbations and task draws.
       workdir: checkpoints (`checkpoints/`), `metrics.jsonl`, and the exported
@@ -97,6 +111,8 @@ def meta_train(
     from velo_scale.train.metrics import MetricsWriter
 
     task_list = list(tasks() if callable(tasks) else tasks)
+    if estimates_per_task < 1:
+        raise ValueError(f"estimates_per_task must be >= 1; got {estimates_per_task}.")
     devices = jax.devices()[: num_devices or len(jax.devices())]
     if num_pairs % len(devices):
         raise ValueError(
@@ -131,36 +147,58 @@ def meta_train(
     if checkpointer and checkpointer.latest_step() is not None:
         state = checkpointer.restore(checkpointer.latest_step(), state)
 
-    steps: dict[int, Callable] = {}
+    signatures = [task_signature(t) for t in task_list]
+    estimators: dict[tuple, Callable] = {}
 
-    def outer_step_fn(length: int) -> Callable:
-        if length not in steps:
+    def estimator(i: int, length: int) -> Callable:
+        """The compiled ES estimate of task i; shared by every task with the
+        same static configuration (`task_signature`) and unroll length."""
+        cache_key = (signatures[i], length)
+        if cache_key not in estimators:
             config = ESConfig(num_pairs, sigma, length, min(last_k, length))
+            task, signature = task_list[i], signatures[i]
 
-            def step(state: MetaState) -> tuple[MetaState, jax.Array]:
-                key, *task_keys = jax.random.split(state.key, len(task_list) + 1)
-                grads, losses = [], []
-                for task, k in zip(task_list, task_keys):
-                    g, loss = es_gradient(
-                        state.theta, task, k, config, sharding=pair_sharding
-                    )
-                    grads.append(normalise(g))
-                    losses.append(loss)
-                grad = jax.tree_util.tree_map(lambda *g: sum(g) / len(g), *grads)
-                updates, opt_state = adam.update(grad, state.opt_state, state.theta)
-                theta = optax.apply_updates(state.theta, updates)
-                new = MetaState(state.step + 1, theta, opt_state, key)
-                return new, jnp.stack(losses)
+            def estimate(theta: Any, key: jax.Array) -> tuple[Any, jax.Array]:
+                TRACES[signature] += 1  # runs once per trace (compilation)
+                g, loss = es_gradient(theta, task, key, config, sharding=pair_sharding)
+                return normalise(g), loss
 
-            steps[length] = jax.jit(step, out_shardings=(replicated, replicated))
-        return steps[length]
+            estimators[cache_key] = jax.jit(
+                estimate, out_shardings=(replicated, replicated)
+            )
+        return estimators[cache_key]
+
+    def apply(state: MetaState, grads: list, key: jax.Array) -> MetaState:
+        grad = jax.tree_util.tree_map(lambda *g: sum(g) / len(g), *grads)
+        updates, opt_state = adam.update(grad, state.opt_state, state.theta)
+        theta = optax.apply_updates(state.theta, updates)
+        return MetaState(state.step + 1, theta, opt_state, key)
+
+    apply_jit = jax.jit(apply, out_shardings=replicated)
+
+    def outer_step(state: MetaState, length: int) -> tuple[MetaState, jax.Array]:
+        key, *task_keys = jax.random.split(state.key, len(task_list) + 1)
+        grads, losses = [], []
+        for i, task_key in enumerate(task_keys):
+            keys = (
+                [task_key]
+                if estimates_per_task == 1
+                else list(jax.random.split(task_key, estimates_per_task))
+            )
+            task_losses = []
+            for k in keys:
+                g, loss = estimator(i, length)(state.theta, k)
+                grads.append(g)
+                task_losses.append(loss)
+            losses.append(jnp.mean(jnp.stack(task_losses)))
+        return apply_jit(state, grads, key), jnp.stack(losses)
 
     last = num_outer_steps if stop_after is None else min(stop_after, num_outer_steps)
     t0 = time.time()
     try:
         for outer in range(int(state.step), last):
             length = curriculum(outer, num_outer_steps, unroll_lengths)
-            state, losses = outer_step_fn(length)(state)
+            state, losses = outer_step(state, length)
             metrics = {
                 "meta_loss": float(jnp.mean(losses)),
                 "unroll_length": float(length),
