@@ -1,24 +1,47 @@
 """Meta-training of VeLO weights with Evolution Strategies (paper Sec. 3, App. C-E)."""
 
-from velo_scale.meta.distribution import sample_task, sample_tasks, task_distribution
+from velo_scale.meta.distribution import (
+    AugmentedTask,
+    AutoencoderTask,
+    ConvTask,
+    sample_task,
+    sample_tasks,
+    task_distribution,
+)
 from velo_scale.meta.es import (
     ESConfig,
+    PESState,
     antithetic_estimate,
     es_gradient,
     meta_loss,
     normalise,
+    pes_gradient,
+    pes_task_init,
+    task_signature,
 )
+from velo_scale.meta.lm_tasks import LSTMLMTask, TransformerLMTask
 from velo_scale.meta.tasks import ClassificationTask, digits_mlp_task
+from velo_scale.meta.vit_tasks import ViTTask
 
 __all__ = [
+    "AugmentedTask",
+    "AutoencoderTask",
     "ClassificationTask",
+    "ConvTask",
     "ESConfig",
+    "LSTMLMTask",
+    "PESState",
+    "TransformerLMTask",
+    "ViTTask",
     "antithetic_estimate",
     "digits_mlp_task",
     "es_gradient",
     "meta_loss",
     "normalise",
+    "pes_gradient",
+    "pes_task_init",
     "sample_task",
     "sample_tasks",
     "task_distribution",
+    "task_signature",
 ]
