@@ -353,6 +353,27 @@ class ConformerBlock(nn.Module):
         return layer_norm(dtype=self.dtype, name="ln_out")(x)
 
 
+def subsampled_features(
+    module: nn.Module, inputs: jax.Array, input_paddings: jax.Array, train: bool
+) -> tuple[jax.Array, jax.Array]:
+    """The front end shared by the Conformer and DeepSpeech: SpecAugment (when
+    training and `module.use_specaug`), then the 4x conv subsampling, a
+    submodule `subsample` of `module` (call from its compact `__call__`).
+
+    inputs float[b, T, F], input_paddings float[b, T] ->
+    (float[b, ceil(T/4), module.encoder_dim], paddings float[b, ceil(T/4)]).
+    """
+    x = inputs
+    if train and module.use_specaug:
+        x = spec_augment(module.make_rng("dropout"), x, input_paddings)
+    return ConvSubsampling(
+        module.encoder_dim,
+        module.subsampling_channels or module.encoder_dim,
+        module.dtype,
+        name="subsample",
+    )(x, input_paddings)
+
+
 class Conformer(nn.Module):
     """Conformer encoder + linear CTC head (AlgoPerf `librispeech_conformer`).
 
@@ -397,15 +418,7 @@ class Conformer(nn.Module):
         """inputs float[b, T, F], input_paddings float[b, T] ->
         (logits float32[b, ceil(T/4), vocab_size], paddings float32[b, ceil(T/4)]).
         """
-        x, paddings = inputs, input_paddings
-        if train and self.use_specaug:
-            x = spec_augment(self.make_rng("dropout"), x, paddings)
-        x, paddings = ConvSubsampling(
-            self.encoder_dim,
-            self.subsampling_channels or self.encoder_dim,
-            self.dtype,
-            name="subsample",
-        )(x, paddings)
+        x, paddings = subsampled_features(self, inputs, input_paddings, train)
         x = x + sinusoidal_positions(x.shape[1], self.encoder_dim).astype(x.dtype)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         for i in range(self.num_layers):

@@ -31,11 +31,10 @@ import jax
 import jax.numpy as jnp
 
 from velo_scale.models.conformer import (
-    ConvSubsampling,
     MaskedBatchNorm,
     dense,
     layer_norm,
-    spec_augment,
+    subsampled_features,
 )
 
 
@@ -162,15 +161,7 @@ class DeepSpeech(nn.Module):
         """inputs float[b, T, F], input_paddings float[b, T] ->
         (logits float32[b, ceil(T/4), vocab_size], paddings float32[b, ceil(T/4)]).
         """
-        x, paddings = inputs, input_paddings
-        if train and self.use_specaug:
-            x = spec_augment(self.make_rng("dropout"), x, paddings)
-        x, paddings = ConvSubsampling(
-            self.encoder_dim,
-            self.subsampling_channels or self.encoder_dim,
-            self.dtype,
-            name="subsample",
-        )(x, paddings)
+        x, paddings = subsampled_features(self, inputs, input_paddings, train)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         bn = dict(momentum=self.batch_norm_momentum)
         hidden = self.encoder_dim // 2 if self.bidirectional else self.encoder_dim
