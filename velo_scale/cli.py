@@ -51,7 +51,8 @@ def _register_configurables():
 
 def _module_configurables() -> dict:
     """`GIN_CONFIGURABLES` of every module in velo_scale.workloads and
-    velo_scale.models (workloads, their models, data transforms)."""
+    velo_scale.models (workloads, their models) and of the held-out
+    evaluation suite."""
     import importlib
     import pkgutil
 
@@ -62,6 +63,9 @@ def _module_configurables() -> dict:
         for info in pkgutil.iter_modules(package.__path__):
             module = importlib.import_module(f"{package.__name__}.{info.name}")
             found.update(getattr(module, "GIN_CONFIGURABLES", {}))
+    from velo_scale.meta import evaluation  # the held-out suite (`eval`)
+
+    found.update(evaluation.GIN_CONFIGURABLES)
     return found
 
 
@@ -212,9 +216,6 @@ def run_eval(args: argparse.Namespace) -> int:
             "eval needs --gin_file (e.g. gin_configs/eval/heldout.gin or "
             "gin_configs/eval/quick.gin)."
         )
-    for name, fn in evaluation.GIN_CONFIGURABLES.items():
-        if not gin.config._REGISTRY.get_match(name):  # noqa: SLF001
-            gin.external_configurable(fn, name)
     parse_gin(args.gin_file, args.gin_param)
     kwargs = {"velo_weights": args.weights, "out": args.out}
     if args.workdir:
