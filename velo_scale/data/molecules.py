@@ -214,10 +214,6 @@ def _b3db_file() -> pathlib.Path:
     return path
 
 
-def _cache_dir() -> pathlib.Path:
-    return cache_lib.cache_dir()
-
-
 def _featurise_b3db(
     path: pathlib.Path, max_nodes: int, max_edges: int
 ) -> dict[str, np.ndarray]:
@@ -282,7 +278,7 @@ def load_b3db(
     path = _b3db_file()
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     cache = (
-        _cache_dir()
+        cache_lib.cache_dir()
         / f"b3db_v{_B3DB_CACHE_VERSION}_{digest}_{max_nodes}x{max_edges}.npz"
     )
     data = None

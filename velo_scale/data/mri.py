@@ -282,10 +282,6 @@ def _volume_slices(path: pathlib.Path, image_size: int) -> np.ndarray:
     return out[keep]
 
 
-def _cache_dir() -> pathlib.Path:
-    return cache_lib.cache_dir("mricron_mri")
-
-
 def mricron_volume(name: str, data_dir: str | None, image_size: int) -> np.ndarray:
     """Cached `_volume_slices` of `<data_dir>/<name>.nii.gz`."""
     root = pathlib.Path(data_dir or os.environ.get(MRICRON_ENV) or MRICRON_DIR)
@@ -300,7 +296,7 @@ def mricron_volume(name: str, data_dir: str | None, image_size: int) -> np.ndarr
         )
     stat = path.stat()
     key = f"{name}-{image_size}-{stat.st_size}-{int(stat.st_mtime)}-v{CACHE_VERSION}"
-    cache = _cache_dir() / f"{key}.npy"
+    cache = cache_lib.cache_dir("mricron_mri") / f"{key}.npy"
     if cache.exists():
         return np.load(cache)
     slices = _volume_slices(path, image_size)

@@ -302,10 +302,6 @@ ASTERISK_SPLIT_SEED = 0
 _CACHE_VERSION = 1
 
 
-def _cache_dir() -> pathlib.Path:
-    return cache_lib.cache_dir()
-
-
 def read_asterisk_transcripts(path: str | os.PathLike) -> dict[str, str]:
     """`{prompt name: transcript}` from `core-sounds-en.txt[.gz]` ("name: text"
     lines; names may hold a folder, e.g. "digits/7")."""
@@ -373,7 +369,7 @@ def asterisk_utterances(data_dir: str | None = None) -> dict[str, np.ndarray]:
             (_CACHE_VERSION, str(sounds), names, sorted(ASTERISK_FEATURES.items()))
         ).encode()
     ).hexdigest()[:16]
-    cache = _cache_dir() / f"asterisk_speech_{key}.npz"
+    cache = cache_lib.cache_dir(f"asterisk_speech_{key}.npz")
     if cache.exists():
         with np.load(cache) as f:
             return {k: f[k] for k in f.files}

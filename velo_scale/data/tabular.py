@@ -306,7 +306,7 @@ class CriteoSource:
         self.files = [pathlib.Path(f) for f in files]
         if not self.files:
             raise ValueError("CriteoSource needs at least one file.")
-        self.cache_dir = pathlib.Path(cache_dir or _cache_root() / "criteo_index")
+        self.cache_dir = pathlib.Path(cache_dir or cache_lib.cache_dir("criteo_index"))
         self._maps: dict[int, mmap.mmap] = {}
         self._offsets: dict[int, np.ndarray] = {}
         self._assumed: dict[int, int] = {}
@@ -476,10 +476,6 @@ MOVIELENS_SPARSE = (
 def _check_split(name: str, split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split of {name!r} must be one of {SPLITS}; got {split!r}.")
-
-
-def _cache_root() -> pathlib.Path:
-    return cache_lib.cache_dir()
 
 
 def widedeep_data_dir() -> pathlib.Path | None:

@@ -230,25 +230,21 @@ def train(
     init_key = jax.random.PRNGKey(seed)
     sample = {k: jnp.asarray(v) for k, v in sample.items()}
     boxed = jax.eval_shape(workload.init, init_key, sample)
-    logical_specs, logical_state_specs = split_variables(nn.get_partition_spec(boxed))
-    abstract_params, abstract_model_state = split_variables(nn.meta.unbox(boxed))
-    to_sharding = lambda specs: jax.tree_util.tree_map(  # noqa: E731
-        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
-    )
-    param_specs = sharding_lib.mesh_param_specs(
-        abstract_params,
-        nn.logical_to_mesh(logical_specs, logical_axis_rules),
-        mesh,
-        replicate_indivisible=True,
-    )
-    param_sh = to_sharding(param_specs)
-    model_state_sh = to_sharding(
+    abstract_params, _ = split_variables(nn.meta.unbox(boxed))
+    # Mesh specs of every collection (params and e.g. batch_stats) at once.
+    param_specs, model_state_specs = split_variables(
         sharding_lib.mesh_param_specs(
-            abstract_model_state,
-            nn.logical_to_mesh(logical_state_specs, logical_axis_rules),
+            nn.meta.unbox(boxed),
+            nn.logical_to_mesh(nn.get_partition_spec(boxed), logical_axis_rules),
             mesh,
             replicate_indivisible=True,
         )
+    )
+    param_sh, model_state_sh = (
+        jax.tree_util.tree_map(
+            lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+        )
+        for specs in (param_specs, model_state_specs)
     )
     opt_sh = sharding_lib.state_shardings(
         opt.tx, abstract_params, mesh, param_specs, replicate_indivisible=True
