@@ -1,5 +1,7 @@
 """ES meta-gradients of VeLO (velo_scale.meta): maths, determinism, sharding."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,6 +98,7 @@ def test_sharded_pairs_equal_single_device():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=5e-5)
 
 
+@pytest.mark.slow  # the resampling test below covers resume + export in CI
 def test_meta_train_resumes_bit_identically_and_exports(tmp_path):
     from velo_scale.meta.train import meta_train
 
@@ -247,3 +250,128 @@ def test_pes_gradient_on_a_velo_task():
         assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grad))
     with pytest.raises(ValueError, match="truncation_length"):
         ESConfig(num_steps=5, truncation_length=2)
+
+
+def _scaled_task(init_scale):
+    import dataclasses
+
+    return dataclasses.replace(_task(), init_scale=init_scale)
+
+
+def test_runtime_fields_split_and_restore():
+    """Tasks that differ only in their init scale have one static template;
+    putting the values back (also through an AugmentedTask) rebuilds the
+    same initialisation."""
+    from velo_scale.meta import (
+        AugmentedTask,
+        split_runtime,
+        task_signature,
+        with_runtime,
+    )
+
+    a, b = _scaled_task(0.5), _scaled_task(2.0)
+    (ta, va), (tb, vb) = split_runtime(a), split_runtime(b)
+    assert va == (0.5,) and vb == (2.0,)
+    assert task_signature(ta) == task_signature(tb) != task_signature(a)
+    key = jax.random.PRNGKey(0)
+    for task, template, values in ((a, ta, va), (b, tb, vb)):
+        rebuilt = with_runtime(template, jnp.asarray(values))
+        for x, y in zip(
+            jax.tree.leaves(task.init(key)), jax.tree.leaves(rebuilt.init(key))
+        ):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
+    aug = AugmentedTask(b, param_scale=10.0)
+    template, values = split_runtime(aug)
+    assert values == (2.0,) and template.param_scale == 10.0
+    assert with_runtime(template, values).task.init_scale == 2.0
+    with pytest.raises(ValueError, match="left over"):
+        with_runtime(template, (1.0, 2.0))
+
+
+def _meta_kw(**kw):
+    base = dict(
+        num_outer_steps=4,
+        architecture=velo_scale.Architecture(**SMALL),
+        unroll_lengths=(4,),
+        num_pairs=8,
+        last_k=2,
+        checkpoint_every=1,
+        init_theta="random",
+        progress=False,
+    )
+    return {**base, **kw}
+
+
+def test_resampled_tasks_share_a_compiled_estimator_and_resume_exactly(tmp_path):
+    """resample_every draws a new task set per round from a seeded factory; a
+    redraw that only changes the init scale reuses the compiled estimator;
+    a run killed in the middle of a round resumes bit-identically."""
+    from velo_scale.meta import train as train_lib
+
+    seeds = []
+
+    def factory(seed):
+        seeds.append(seed)
+        return [_scaled_task(0.5 + seed % 7 / 4)]
+
+    kw = _meta_kw(tasks=factory, resample_every=2)
+    train_lib.TRACES.clear()
+    straight = train_lib.meta_train(workdir=tmp_path / "a", **kw)
+    assert len(set(seeds)) == 2  # rounds 0 and 1
+    assert list(train_lib.TRACES.values()) == [1]  # one compilation for both
+    train_lib.meta_train(workdir=tmp_path / "b", stop_after=3, **kw)
+    resumed = train_lib.meta_train(workdir=tmp_path / "b", **kw)
+    for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # The export is the final theta, loadable as VeLO weights, with provenance.
+    exported = velo_scale.load_weights(tmp_path / "b" / "params")
+    for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(resumed.theta)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    info = json.loads((tmp_path / "b" / "params.json").read_text())
+    assert info["outer_steps"] == 4 and info["tasks"] == {"digits_mlp": 2}
+    with pytest.raises(ValueError, match="factory"):
+        train_lib.meta_train(**_meta_kw(tasks=[_task()], resample_every=2))
+
+
+def test_pes_meta_train_checkpoints_its_states_and_resumes_exactly(tmp_path):
+    """With truncation_length the PES states persist across outer steps and
+    are checkpointed: stopping half-way through an unroll (t = 2 of 4) and
+    resuming gives the same theta as the straight run."""
+    from velo_scale.meta.train import meta_train
+
+    kw = _meta_kw(tasks=[_task()], truncation_length=2)
+    straight = meta_train(workdir=tmp_path / "a", **kw)
+    assert straight.pes is not None and int(straight.pes[0].t) == 0
+    stopped = meta_train(workdir=tmp_path / "b", stop_after=3, **kw)
+    assert int(stopped.pes[0].t) == 2  # mid-unroll
+    resumed = meta_train(workdir=tmp_path / "b", **kw)
+    for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    start = velo_scale.init_weights(jax.random.split(jax.random.PRNGKey(0))[0], **SMALL)
+    assert any(
+        not np.allclose(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(start), jax.tree.leaves(straight.theta))
+    )
+    with pytest.raises(ValueError, match="divide every unroll"):
+        meta_train(**_meta_kw(tasks=[_task()], truncation_length=3))
+
+
+def test_search_lr_mult_keeps_the_lowest_mean_log_meta_loss():
+    from velo_scale.meta import search_lr_mult
+
+    arch = velo_scale.Architecture(**SMALL)
+    best, losses = search_lr_mult(
+        [_task(), _scaled_task(2.0)],
+        architecture=arch,
+        candidates=(0.0, 30.0, 1e7),
+        num_steps=10,
+        last_k=2,
+        key=jax.random.PRNGKey(0),
+        log=None,
+    )
+    assert set(losses) == {0.0, 30.0, 1e7} and all(len(v) == 2 for v in losses.values())
+    scores = {c: np.mean(np.log(v)) for c, v in losses.items()}
+    assert best == min(scores, key=scores.get)
+    # lr_mult 0 does not train; 1e7 diverges (counted as 1e3) or explodes.
+    assert best == 30.0
+    assert losses[30.0][0] < losses[0.0][0]

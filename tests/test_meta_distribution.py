@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 import velo_scale
 from velo_scale.meta import ESConfig, meta_loss
@@ -101,3 +102,25 @@ def test_meta_loss_on_sampled_families():
     ):
         value = meta_loss(theta, task, jax.random.PRNGKey(4), config)
         assert np.isfinite(float(value)) and float(value) < 1e3
+
+
+def test_conv3x3_stride2_is_the_lax_convolution():
+    from velo_scale.meta.distribution import conv3x3_stride2
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 9, 8, 3))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 5))
+    expected = jax.lax.conv_general_dilated(
+        x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    np.testing.assert_allclose(conv3x3_stride2(x, w), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_augmentations_can_be_restricted():
+    from velo_scale.meta import AugmentedTask
+
+    rng = np.random.default_rng(0)
+    tasks = [sample_task(rng, ["mlp"], augmentations=["grad_noise"]) for _ in range(40)]
+    augmented = [t for t in tasks if isinstance(t, AugmentedTask)]
+    assert augmented and all(t.grad_noise > 0 for t in augmented)
+    with pytest.raises(ValueError, match="unknown augmentations"):
+        sample_task(rng, ["mlp"], augmentations=["fp8"])

@@ -27,6 +27,7 @@ def _register_configurables():
     import gin
 
     from velo_scale import models
+    from velo_scale._src.weights import Architecture
     from velo_scale.meta import distribution as meta_distribution
     from velo_scale.meta import tasks as meta_tasks
     from velo_scale.meta import train as meta_train_lib
@@ -38,6 +39,7 @@ def _register_configurables():
         "CNN": models.CNN,
         "ViT": models.ViT,
         "meta_train": meta_train_lib.meta_train,
+        "Architecture": Architecture,
         "digits_mlp_task": meta_tasks.digits_mlp_task,
         "task_distribution": meta_distribution.task_distribution,
     }
@@ -162,6 +164,13 @@ def _maybe_initialize_distributed(multihost: bool) -> None:
         jax.distributed.initialize()
 
 
+def _is_primary() -> bool:
+    """Process 0 of a multi-host run (or the only process) writes reports."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 def run_train(args: argparse.Namespace) -> int:
     import gin
 
@@ -177,7 +186,7 @@ def run_train(args: argparse.Namespace) -> int:
         if "gin" in str(e).lower() or "missing" in str(e).lower():
             raise ValueError(_explain_gin_error(e, registry)) from None
         raise
-    if result.workdir:
+    if result.workdir and _is_primary():
         from velo_scale.train import reports
 
         out = pathlib.Path(result.workdir) / "curves.png"
@@ -193,10 +202,11 @@ def run_meta_train(args: argparse.Namespace) -> int:
         raise ValueError(
             "meta-train needs --gin_file (e.g. gin_configs/meta/digits_small.gin)."
         )
+    _maybe_initialize_distributed(args.multihost)
     parse_gin(args.gin_file, args.gin_param)
     kwargs = {"workdir": args.workdir} if args.workdir else {}
     gin.get_configurable("meta_train")(**kwargs)
-    if args.workdir:
+    if args.workdir and _is_primary():
         from velo_scale.train import reports
 
         out = pathlib.Path(args.workdir) / "meta_curves.png"
@@ -253,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     mt.add_argument(
         "--workdir", default=None, help="checkpoints, metrics, exported params"
+    )
+    mt.add_argument(
+        "--multihost",
+        action="store_true",
+        help="call jax.distributed.initialize() first (TPU pod / SLURM)",
     )
     pl = sub.add_parser("plot", help="loss/eval curves of runs on one figure")
     pl.add_argument("workdirs", nargs="+")

@@ -17,8 +17,11 @@ from velo_scale.meta.es import (
     normalise,
     pes_gradient,
     pes_task_init,
+    split_runtime,
     task_signature,
+    with_runtime,
 )
+from velo_scale.meta.init import normalised_momentum_theta, search_lr_mult
 from velo_scale.meta.lm_tasks import LSTMLMTask, TransformerLMTask
 from velo_scale.meta.tasks import ClassificationTask, digits_mlp_task
 from velo_scale.meta.vit_tasks import ViTTask
@@ -38,10 +41,14 @@ __all__ = [
     "es_gradient",
     "meta_loss",
     "normalise",
+    "normalised_momentum_theta",
     "pes_gradient",
     "pes_task_init",
     "sample_task",
     "sample_tasks",
+    "search_lr_mult",
+    "split_runtime",
     "task_distribution",
     "task_signature",
+    "with_runtime",
 ]

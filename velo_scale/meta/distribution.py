@@ -49,12 +49,33 @@ def _dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def conv3x3_stride2(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`SAME` 3x3 convolution with stride 2, x: [N, H, W, C], w: [3, 3, C, D]
+    (HWIO) -> [N, ceil(H/2), ceil(W/2), D], as patches @ matrix.
+
+    Equal to `lax.conv_general_dilated`, but a matmul: ES vmaps the inner
+    training over perturbations, and XLA:CPU runs the vmapped kernel
+    gradient of a convolution (a grouped convolution) ~100x slower than
+    this form.
+    """
+    patches = jax.lax.conv_general_dilated_patches(
+        x, (3, 3), (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )  # features ordered (C, kh, kw)
+    return patches @ jnp.transpose(w, (2, 0, 1, 3)).reshape(-1, w.shape[-1])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ConvTask(ClassificationTask):
     """A small ConvNet: 3x3 convs (stride 2) with `channels`, mean-pool, linear."""
 
     channels: Sequence[int] = (8, 16)
     activation: str = "relu"
+
+    @property
+    def tokens_per_example(self) -> int:
+        """Output positions of the first convolution (for `task_cost`)."""
+        h, w = self.images.shape[1:3]
+        return -(-h // 2) * -(-w // 2)
 
     def init(self, key: jax.Array) -> dict[str, Any]:
         params, c_in = {}, self.images.shape[-1]
@@ -79,14 +100,7 @@ class ConvTask(ClassificationTask):
         x, act = batch["x"], ACTIVATIONS[self.activation]
         for i in range(len(self.channels)):
             layer = params[f"conv{i}"]
-            x = jax.lax.conv_general_dilated(
-                x,
-                layer["w"],
-                (2, 2),
-                "SAME",
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
-            x = act(x + layer["b"])
+            x = act(conv3x3_stride2(x, layer["w"]) + layer["b"])
         logits = x.mean(axis=(1, 2)) @ params["head"]["w"] + params["head"]["b"]
         return optax.softmax_cross_entropy_with_integer_labels(
             logits, batch["y"]
@@ -304,13 +318,21 @@ AUGMENTATION_PROBS = (
 )
 
 
-def sample_task(rng: np.random.Generator, families: Sequence[str] | None = None) -> Any:
+def sample_task(
+    rng: np.random.Generator,
+    families: Sequence[str] | None = None,
+    augmentations: Sequence[str] | None = None,
+) -> Any:
     """Draws one task from the distribution.
 
     Args:
       rng: the generator (the draw is a deterministic function of its state).
       families: restrict to these keys of `FAMILY_PROBS` (renormalised);
         all by default.
+      augmentations: the augmentation kinds of `AUGMENTATION_PROBS` allowed
+        (all by default); a draw of another kind leaves the task as it is
+        (e.g. `("param_scale", "grad_noise", "subspace_rank")` drops
+        bfloat16, which XLA:CPU emulates slowly).
 
     The family follows `FAMILY_PROBS`; image families draw a dataset, depth in
     {1, 2}, width in {16, 32, 64} (ViTs: `vit_tasks.sample_vit_task`), batch
@@ -333,9 +355,19 @@ def sample_task(rng: np.random.Generator, families: Sequence[str] | None = None)
         task = sample_lm_task(rng)
     else:
         task = _sample_image_task(rng, family)
+    allowed = {k for _, k, _ in AUGMENTATION_PROBS}
+    if augmentations is not None:
+        unknown = set(augmentations) - allowed
+        if unknown:
+            raise ValueError(
+                f"unknown augmentations {sorted(unknown)}; known: {sorted(allowed)}."
+            )
+        allowed = set(augmentations)
     u, edge = rng.uniform(), 0.0
     for prob, kind, values in AUGMENTATION_PROBS:
         edge += prob
+        if u < edge and kind not in allowed:
+            return task
         if u < edge:
             value = values[int(rng.integers(len(values)))]
             return AugmentedTask(task, **{kind: value})
@@ -382,16 +414,17 @@ def sample_tasks(
     *,
     max_cost: float | None = None,
     families: Sequence[str] | None = None,
+    augmentations: Sequence[str] | None = None,
 ) -> list[Any]:
     """n tasks, accepting each draw with probability sqrt(min(1, c0 / cost))
     where c0 is the cheapest of 32 pilot draws (cheap tasks are sampled more
     often, expensive ones still appear), and never above `max_cost` (FLOPs,
-    `task_cost`). `families` as in `sample_task`."""
+    `task_cost`). `families`, `augmentations` as in `sample_task`."""
     pilot = [task_cost(sample_task(rng, families)) for _ in range(32)]
     c0 = min(pilot)
     tasks: list[Any] = []
     while len(tasks) < n:
-        task = sample_task(rng, families)
+        task = sample_task(rng, families, augmentations)
         cost = task_cost(task)
         if max_cost is not None and cost > max_cost:
             continue
@@ -406,10 +439,15 @@ def task_distribution(
     seed: int = 0,
     max_cost: float | None = None,
     families: Sequence[str] | None = None,
+    augmentations: Sequence[str] | None = None,
 ) -> list[Any]:
     """`sample_tasks` with a seeded generator (gin: `meta_train.tasks =
     @task_distribution()`); each task gets `meta_train.estimates_per_task` ES
     estimates per outer step."""
     return sample_tasks(
-        np.random.default_rng(seed), n, max_cost=max_cost, families=families
+        np.random.default_rng(seed),
+        n,
+        max_cost=max_cost,
+        families=families,
+        augmentations=augmentations,
     )

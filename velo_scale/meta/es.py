@@ -16,6 +16,7 @@ devices, and the final mean is a small all-reduce of theta-sized gradients.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from typing import Any, NamedTuple
 
@@ -199,6 +200,58 @@ def task_signature(task: Any) -> tuple:
     return (type(task).__name__, task)
 
 
+# Task fields that only enter the computation arithmetically (e.g. as a
+# multiplier of the initial weights), so they can be traced values: tasks that
+# differ only in them share one compiled estimator (`split_runtime`).
+RUNTIME_FIELDS = ("init_scale",)
+
+
+def split_runtime(task: Any) -> tuple[Any, tuple[float, ...]]:
+    """Separates a task's `RUNTIME_FIELDS` from its static configuration.
+
+    Returns:
+      (the task with every runtime field set to 1.0, recursively through
+      dataclass fields such as `AugmentedTask.task`; the original values in
+      the order `with_runtime` puts them back).
+    """
+    if not dataclasses.is_dataclass(task) or isinstance(task, type):
+        return task, ()
+    changes, values = {}, []
+    for f in dataclasses.fields(task):
+        value = getattr(task, f.name)
+        if f.name in RUNTIME_FIELDS:
+            changes[f.name] = 1.0
+            values.append(float(value))
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes[f.name], inner = split_runtime(value)
+            values.extend(inner)
+    return dataclasses.replace(task, **changes), tuple(values)
+
+
+def with_runtime(template: Any, values: Any) -> Any:
+    """Inverse of `split_runtime`: `template` with its runtime fields set from
+    `values` (floats or traced f32[] scalars, e.g. the rows of a jit
+    argument), in `split_runtime`'s order."""
+    values = list(values)
+
+    def fill(task: Any) -> Any:
+        if not dataclasses.is_dataclass(task) or isinstance(task, type):
+            return task
+        changes = {}
+        for f in dataclasses.fields(task):
+            value = getattr(task, f.name)
+            if f.name in RUNTIME_FIELDS:
+                changes[f.name] = values.pop(0)
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                changes[f.name] = fill(value)
+        return dataclasses.replace(task, **changes)
+
+    task = fill(template)
+    if values:
+        raise ValueError(f"{len(values)} runtime values left over for {template!r}.")
+    return task
+
+
 # -- Persistent ES (PES, Vicol et al. 2021) -------------------------------------
 
 
@@ -247,6 +300,7 @@ def pes_estimate(
     sigma: float,
     num_steps: int,
     truncation_length: int,
+    sharding: Any = None,
 ) -> tuple[Any, jax.Array, PESState]:
     """One antithetic PES estimate over the next `truncation_length` steps.
 
@@ -274,6 +328,9 @@ def pes_estimate(
         inner step at step index t.
       num_pairs, sigma: as in `antithetic_estimate`.
       num_steps: N, the unroll length; truncation_length: K (divides N).
+      sharding: optional `NamedSharding` of the pair axis, as in
+        `antithetic_estimate` (the perturbations and the carried inner states
+        are split across its devices).
 
     Returns:
       (gradient like theta, mean per-step loss of the 2P particles over this
@@ -286,6 +343,13 @@ def pes_estimate(
         )
     eps_key, unroll_key = jax.random.split(key)
     eps = perturbations(theta, eps_key, num_pairs, sigma)
+    inner_states = state.inner
+    if sharding is not None:
+        constrain = functools.partial(
+            jax.tree_util.tree_map,
+            lambda x: jax.lax.with_sharding_constraint(x, sharding),
+        )
+        eps, inner_states = constrain(eps), constrain(inner_states)
     start = state.t == 0
     unroll_key = jnp.where(start, unroll_key, state.unroll_key)
     xi = jax.tree_util.tree_map(
@@ -312,7 +376,7 @@ def pes_estimate(
         signs = jnp.array([1.0, -1.0])
         return jax.vmap(particle, in_axes=(None, 0, 0))(e, inner, signs)
 
-    inner, losses = jax.vmap(pair)(eps, state.inner)  # losses: [P, 2]
+    inner, losses = jax.vmap(pair)(eps, inner_states)  # losses: [P, 2]
     weight = (losses[:, 0] - losses[:, 1]) / (2 * sigma**2)
     grad = jax.tree_util.tree_map(
         lambda x: jnp.tensordot(weight, x, axes=1) / num_pairs, xi
@@ -348,7 +412,13 @@ def pes_task_init(theta: Any, task: Any, key: jax.Array, config: ESConfig) -> PE
 
 
 def pes_gradient(
-    theta: Any, task: Any, state: PESState, key: jax.Array, config: ESConfig
+    theta: Any,
+    task: Any,
+    state: PESState,
+    key: jax.Array,
+    config: ESConfig,
+    *,
+    sharding: Any = None,
 ) -> tuple[Any, jax.Array, PESState]:
     """PES estimate of the next truncation of VeLO training `task`
     (`config.truncation_length` > 0); see `pes_estimate`.
@@ -369,4 +439,5 @@ def pes_gradient(
         sigma=config.sigma,
         num_steps=config.num_steps,
         truncation_length=config.truncation_length,
+        sharding=sharding,
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -31,8 +32,17 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from velo_scale._src import weights as weights_lib
-from velo_scale.meta.es import ESConfig, es_gradient, normalise, task_signature
-from velo_scale.meta.init import normalised_momentum_theta
+from velo_scale.meta.es import (
+    ESConfig,
+    es_gradient,
+    normalise,
+    pes_gradient,
+    pes_task_init,
+    split_runtime,
+    task_signature,
+    with_runtime,
+)
+from velo_scale.meta.init import normalised_momentum_theta, search_lr_mult
 
 # A network small enough to meta-train on 2 CPU cores.
 SMALL_ARCHITECTURE = weights_lib.Architecture(lstm_hidden_size=32, param_inits=16)
@@ -44,12 +54,15 @@ TRACES: collections.Counter = collections.Counter()
 
 @flax.struct.dataclass
 class MetaState:
-    """theta (official structure), Adam state, outer step and PRNG key."""
+    """theta (official structure), Adam state, outer step, PRNG key, and the
+    PES states of the current tasks (one per task and estimate; None with
+    full-unroll ES)."""
 
     step: jax.Array
     theta: Any
     opt_state: Any
     key: jax.Array
+    pes: Any = None
 
 
 def curriculum(step: int, num_outer_steps: int, lengths: Sequence[int]) -> int:
@@ -58,9 +71,15 @@ def curriculum(step: int, num_outer_steps: int, lengths: Sequence[int]) -> int:
     return int(lengths[index])
 
 
+def round_seed(seed: int, round_index: int) -> int:
+    """The task-sampling seed of resampling round `round_index` (a pure
+    function of both, so a resumed run draws the same tasks)."""
+    return int(np.random.SeedSequence([seed, round_index]).generate_state(1)[0])
+
+
 def meta_train(
     *,
-    tasks: Sequence[Any] | Callable[[], Sequence[Any]],
+    tasks: Sequence[Any] | Callable[..., Sequence[Any]],
     num_outer_steps: int,
     architecture: weights_lib.Architecture = SMALL_ARCHITECTURE,
     unroll_lengths: Sequence[int] = (20, 50, 100),
@@ -68,20 +87,28 @@ def meta_train(
     estimates_per_task: int = 1,
     sigma: float = 0.01,
     last_k: int = 5,
+    truncation_length: int = 0,
     learning_rate: float = 1e-3,
+    resample_every: int = 0,
+    max_compiled: int = 64,
     seed: int = 0,
     workdir: str | pathlib.Path | None = None,
     checkpoint_every: int = 10,
     stop_after: int | None = None,
     num_devices: int | None = None,
     init_theta: Any = "normalised_momentum",
+    init_lr_mult: float | str = 10.0,
+    lr_mult_candidates: Sequence[float] = (3.0, 10.0, 30.0, 100.0, 300.0),
     progress: bool = True,
 ) -> MetaState:
-    """Meta-trains VeLO weights with antithetic ES.
+    """Meta-trains VeLO weights with antithetic ES or PES.
 
     Args:
-      tasks: tasks (see `velo_scale.meta.tasks`) or a factory of them; one ES
-        estimate per task per outer step.
+      tasks: tasks (see `velo_scale.meta.tasks`), or a factory of them. With
+        `resample_every` > 0 the factory is called as `tasks(seed=s)` with a
+        fresh seed every `resample_every` outer steps (e.g. gin
+        `meta_train.tasks = @task_distribution`, no parentheses), so
+        meta-training sees a new draw from the task distribution each round.
       num_outer_steps: Adam steps on theta.
       architecture: sizes of the meta-trained network.
       unroll_lengths: the curriculum of inner horizons.
@@ -91,7 +118,19 @@ def meta_train(
         compilation, not running, is the expensive part of a new task). Each
         estimate is normalised to unit length, then all are averaged, so
         every task keeps equal weight.
+      truncation_length: K > 0 uses Persistent ES (`es.pes_gradient`): each
+        task (and estimate) keeps a `PESState` across outer steps, every
+        outer step runs the next K inner steps of each unroll, and the PES
+        states are checkpointed with theta. K must divide every unroll
+        length; the states restart when the tasks or the length change.
+        0: full unrolls (the meta-loss is the mean of the last `last_k`
+        losses).
       learning_rate: Adam's step on theta.
+      resample_every: outer steps between task draws (0: the tasks are drawn
+        once).
+      max_compiled: compiled estimators kept (least recently used dropped);
+        tasks that differ only in `es.RUNTIME_FIELDS` (the init scale) share
+        one.
       seed: theta init, perturbations and task draws.
       workdir: checkpoints (`checkpoints/`), `metrics.jsonl`, and the exported
         `params` + `params.json` at the end.
@@ -100,8 +139,11 @@ def meta_train(
         with the same workdir resumes.
       num_devices: devices for the pair axis (default: all; pairs must divide).
       init_theta: the starting meta-parameters: `"normalised_momentum"` (the
-        hand-designed start of `velo_scale.meta.init`), `"random"`, or a theta
-        dict.
+        hand-designed start of `velo_scale.meta.init`), `"random"`, a path to a
+        weights file (continue from it), or a theta dict.
+      init_lr_mult: the normalised-momentum start's step-size multiplier, or
+        `"search"`: chosen among `lr_mult_candidates` by meta-loss on the
+        first draw of tasks at the longest unroll (`init.search_lr_mult`).
       progress: print one line per outer step.
 
     Returns:
@@ -110,9 +152,23 @@ def meta_train(
     from velo_scale.train.checkpoint import Checkpointer
     from velo_scale.train.metrics import MetricsWriter
 
-    task_list = list(tasks() if callable(tasks) else tasks)
     if estimates_per_task < 1:
         raise ValueError(f"estimates_per_task must be >= 1; got {estimates_per_task}.")
+    if resample_every and not callable(tasks):
+        raise ValueError(
+            "resample_every > 0 needs a task factory (e.g. gin "
+            "`meta_train.tasks = @task_distribution`, without parentheses)."
+        )
+    if init_lr_mult == "search" and init_theta != "normalised_momentum":
+        raise ValueError(
+            "init_lr_mult='search' tunes the normalised-momentum start; it needs "
+            f"init_theta='normalised_momentum', not {init_theta!r}."
+        )
+    if truncation_length and any(n % truncation_length for n in unroll_lengths):
+        raise ValueError(
+            f"truncation_length={truncation_length} must divide every unroll "
+            f"length; got {tuple(unroll_lengths)}."
+        )
     devices = jax.devices()[: num_devices or len(jax.devices())]
     if num_pairs % len(devices):
         raise ValueError(
@@ -121,52 +177,120 @@ def meta_train(
         )
     mesh = Mesh(np.array(devices), ("pop",), axis_types=(AxisType.Auto,))
     pair_sharding = NamedSharding(mesh, P("pop"))
+    replicated = NamedSharding(mesh, P())
     adam = optax.adam(learning_rate)
 
-    def fresh(key: jax.Array) -> MetaState:
-        init_key, key = jax.random.split(key)
-        if isinstance(init_theta, str) and init_theta == "normalised_momentum":
-            theta = normalised_momentum_theta(init_key, architecture)
-        elif isinstance(init_theta, str) and init_theta == "random":
-            theta = weights_lib.init_weights(init_key, architecture)
-        elif isinstance(init_theta, str):
-            raise ValueError(
-                f"init_theta must be 'normalised_momentum', 'random' or a theta dict; "
-                f"got {init_theta!r}."
-            )
+    @functools.cache
+    def tasks_of_round(round_index: int) -> list[Any]:
+        if resample_every:
+            drawn = tasks(seed=round_seed(seed, round_index))
         else:
-            theta = init_theta
-        theta = jax.tree_util.tree_map(jnp.asarray, theta)
+            drawn = tasks() if callable(tasks) else tasks
+        return list(drawn)
+
+    def round_of(step: int) -> int:
+        return step // resample_every if resample_every else 0
+
+    def start_theta(key: jax.Array, lr_mult: float) -> Any:
+        if isinstance(init_theta, str) and init_theta == "normalised_momentum":
+            return normalised_momentum_theta(key, architecture, lr_mult=lr_mult)
+        if isinstance(init_theta, str) and init_theta == "random":
+            return weights_lib.init_weights(key, architecture)
+        if isinstance(init_theta, (str, pathlib.Path)):
+            path = pathlib.Path(init_theta)
+            if not path.exists():
+                raise ValueError(
+                    f"init_theta must be 'normalised_momentum', 'random', a weights "
+                    f"file or a theta dict; got {init_theta!r} (no such file)."
+                )
+            theta = weights_lib.load_weights(path)
+            if weights_lib.Architecture.of(theta) != architecture:
+                raise ValueError(
+                    f"init_theta {path} has architecture "
+                    f"{weights_lib.Architecture.of(theta)}, not {architecture}; set "
+                    "meta_train.architecture to match."
+                )
+            return theta
+        return init_theta
+
+    def fresh(key: jax.Array, lr_mult: float) -> MetaState:
+        init_key, key = jax.random.split(key)
+        theta = jax.tree_util.tree_map(jnp.asarray, start_theta(init_key, lr_mult))
         return MetaState(jnp.zeros((), jnp.int32), theta, adam.init(theta), key)
 
-    replicated = NamedSharding(mesh, P())
-    state = jax.device_put(fresh(jax.random.PRNGKey(seed)), replicated)
+    def pes_states(theta: Any, step: int, key: jax.Array) -> tuple | None:
+        """Fresh PES states (t = 0) for the tasks and unroll length of `step`."""
+        if not truncation_length:
+            return None
+        length = curriculum(step, num_outer_steps, unroll_lengths)
+        states = []
+        for i, task in enumerate(tasks_of_round(round_of(step))):
+            config = ESConfig(num_pairs, sigma, length, 1, truncation_length)
+            for j in range(estimates_per_task):
+                k = jax.random.fold_in(key, i * estimates_per_task + j)
+                states.append(pes_task_init(theta, task, k, config))
+        return jax.device_put(tuple(states), replicated)
+
     workdir = pathlib.Path(workdir) if workdir is not None else None
     checkpointer = Checkpointer(workdir / "checkpoints") if workdir else None
     writer = MetricsWriter(workdir, tensorboard=False) if workdir else None
-    if checkpointer and checkpointer.latest_step() is not None:
-        state = checkpointer.restore(checkpointer.latest_step(), state)
+    latest = checkpointer.latest_step() if checkpointer else None
+    if latest is not None:  # the structure only: every value is restored
+        state = fresh(jax.random.PRNGKey(seed), 1.0)
+        state = state.replace(
+            pes=pes_states(state.theta, max(latest - 1, 0), state.key)
+        )
+        state = checkpointer.restore(latest, jax.device_put(state, replicated))
+    else:
+        lr_mult = init_lr_mult
+        if lr_mult == "search":
+            lr_mult, _ = search_lr_mult(
+                tasks_of_round(0),
+                architecture=architecture,
+                candidates=lr_mult_candidates,
+                num_steps=max(unroll_lengths),
+                last_k=last_k,
+                key=jax.random.fold_in(jax.random.PRNGKey(seed), 1),
+                log=print if progress else None,
+            )
+        state = fresh(jax.random.PRNGKey(seed), float(lr_mult))
+        if writer and init_lr_mult == "search":
+            writer.write(0, {"init_lr_mult": float(lr_mult)}, split="train")
+        state = jax.device_put(state, replicated)
 
-    signatures = [task_signature(t) for t in task_list]
-    estimators: dict[tuple, Callable] = {}
+    # One compiled estimator per (static task configuration, unroll length),
+    # least recently used dropped past `max_compiled`.
+    estimators: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
 
-    def estimator(i: int, length: int) -> Callable:
-        """The compiled ES estimate of task i; shared by every task with the
-        same static configuration (`task_signature`) and unroll length."""
-        cache_key = (signatures[i], length)
-        if cache_key not in estimators:
-            config = ESConfig(num_pairs, sigma, length, min(last_k, length))
-            task, signature = task_list[i], signatures[i]
+    def estimator(task: Any, length: int) -> tuple[Callable, jax.Array]:
+        """(the compiled ES / PES estimate of `task`'s static configuration,
+        the task's runtime values to call it with)."""
+        template, runtime = split_runtime(task)
+        signature = task_signature(template)
+        cache_key = (signature, length)
+        if cache_key in estimators:
+            estimators.move_to_end(cache_key)
+        else:
+            config = ESConfig(num_pairs, sigma, length, min(last_k, length),
+                              truncation_length)  # fmt: skip
 
-            def estimate(theta: Any, key: jax.Array) -> tuple[Any, jax.Array]:
+            def estimate(theta, key, runtime, pes=None):
                 TRACES[signature] += 1  # runs once per trace (compilation)
+                task = with_runtime(template, runtime)
+                if truncation_length:
+                    g, loss, pes = pes_gradient(
+                        theta, task, pes, key, config, sharding=pair_sharding
+                    )
+                    return normalise(g), loss, pes
                 g, loss = es_gradient(theta, task, key, config, sharding=pair_sharding)
-                return normalise(g), loss
+                return normalise(g), loss, None
 
             estimators[cache_key] = jax.jit(
-                estimate, out_shardings=(replicated, replicated)
+                estimate, out_shardings=(replicated, replicated, replicated)
             )
-        return estimators[cache_key]
+            while len(estimators) > max_compiled:
+                estimators.popitem(last=False)
+        return estimators[cache_key], jnp.asarray(runtime, jnp.float32)
 
     def apply(state: MetaState, grads: list, key: jax.Array) -> MetaState:
         grad = jax.tree_util.tree_map(lambda *g: sum(g) / len(g), *grads)
@@ -176,39 +300,55 @@ def meta_train(
 
     apply_jit = jax.jit(apply, out_shardings=replicated)
 
-    def outer_step(state: MetaState, length: int) -> tuple[MetaState, jax.Array]:
-        key, *task_keys = jax.random.split(state.key, len(task_list) + 1)
-        grads, losses = [], []
-        for i, task_key in enumerate(task_keys):
+    def outer_step(state: MetaState, step: int, length: int, task_list: list):
+        key, pes_key, *task_keys = jax.random.split(state.key, len(task_list) + 2)
+        pes = state.pes
+        previous = step - 1
+        if truncation_length and (
+            step == 0
+            or round_of(step) != round_of(previous)
+            or length != curriculum(previous, num_outer_steps, unroll_lengths)
+        ):
+            pes = pes_states(state.theta, step, pes_key)
+        grads, losses, new_pes = [], [], []
+        for i, (task, task_key) in enumerate(zip(task_list, task_keys)):
             keys = (
                 [task_key]
                 if estimates_per_task == 1
                 else list(jax.random.split(task_key, estimates_per_task))
             )
+            fn, runtime = estimator(task, length)
             task_losses = []
-            for k in keys:
-                g, loss = estimator(i, length)(state.theta, k)
+            for j, k in enumerate(keys):
+                slot = pes[i * estimates_per_task + j] if pes is not None else None
+                g, loss, slot = fn(state.theta, k, runtime, slot)
                 grads.append(g)
+                new_pes.append(slot)
                 task_losses.append(loss)
             losses.append(jnp.mean(jnp.stack(task_losses)))
-        return apply_jit(state, grads, key), jnp.stack(losses)
+        new_state = apply_jit(state.replace(pes=None), grads, key)
+        if truncation_length:
+            new_state = new_state.replace(pes=tuple(new_pes))
+        return new_state, jnp.stack(losses)
 
     last = num_outer_steps if stop_after is None else min(stop_after, num_outer_steps)
     t0 = time.time()
     try:
         for outer in range(int(state.step), last):
             length = curriculum(outer, num_outer_steps, unroll_lengths)
-            state, losses = outer_step(state, length)
+            task_list = tasks_of_round(round_of(outer))
+            state, losses = outer_step(state, outer, length, task_list)
             metrics = {
                 "meta_loss": float(jnp.mean(losses)),
                 "unroll_length": float(length),
             }
-            metrics.update(
-                {
-                    f"meta_loss/{t.name}_{i}": float(x)
-                    for i, (t, x) in enumerate(zip(task_list, losses))
-                }
-            )
+            if not resample_every:
+                metrics.update(
+                    {
+                        f"meta_loss/{t.name}_{i}": float(x)
+                        for i, (t, x) in enumerate(zip(task_list, losses))
+                    }
+                )
             if writer:
                 writer.write(outer + 1, metrics, split="train")
             if progress:
@@ -226,8 +366,12 @@ def meta_train(
             checkpointer.close()
         if writer:
             writer.close()
-    if workdir and int(state.step) == num_outer_steps:
-        export(workdir, state, task_list, architecture=architecture, seed=seed)
+    if workdir and int(state.step) > 0 and jax.process_index() == 0:
+        # Also after stop_after: a stopped run leaves a usable file.
+        drawn = [t for r in range(round_of(int(state.step) - 1) + 1)
+                 for t in tasks_of_round(r)]  # fmt: skip
+        export(workdir, state, drawn, architecture=architecture, seed=seed,
+               num_outer_steps=num_outer_steps)  # fmt: skip
     return state
 
 
@@ -238,6 +382,7 @@ def export(
     *,
     architecture: weights_lib.Architecture,
     seed: int,
+    num_outer_steps: int | None = None,
 ) -> pathlib.Path:
     """Writes `workdir/params` (official format) and `workdir/params.json`."""
     path = workdir / "params"
@@ -248,7 +393,10 @@ def export(
         "architecture": dataclasses.asdict(architecture),
         "gen_id": gen_id,
         "outer_steps": int(state.step),
-        "tasks": [getattr(t, "name", type(t).__name__) for t in tasks],
+        "num_outer_steps": num_outer_steps,
+        "tasks": dict(
+            collections.Counter(getattr(t, "name", type(t).__name__) for t in tasks)
+        ),
         "sha256": weights_lib.sha256(theta),
         "made_by": "velo_scale.meta.meta_train (antithetic ES)",
     }

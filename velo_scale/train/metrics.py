@@ -126,16 +126,24 @@ class MetricsWriter:
     """
 
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+        import jax
+
         self.workdir = pathlib.Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
         self.path = self.workdir / METRICS_FILE
-        _drop_partial_last_line(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")
-        self._tb = _open_tensorboard(self.workdir) if tensorboard else None
+        # Multi-host: every process computes the same (replicated) metrics;
+        # process 0 writes them, the others only validate.
+        self.primary = jax.process_index() == 0
+        self._closed = False
+        self._file, self._tb = None, None
+        if self.primary:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            _drop_partial_last_line(self.path)
+            self._file = open(self.path, "a", encoding="utf-8")
+            self._tb = _open_tensorboard(self.workdir) if tensorboard else None
 
     @property
     def closed(self) -> bool:
-        return self._file.closed
+        return self._closed
 
     def write(
         self, step: int, metrics: Mapping[str, float], *, split: str = "train"
@@ -178,6 +186,8 @@ class MetricsWriter:
             else:
                 row[name] = None
                 row[name + NONFINITE_SUFFIX] = True
+        if self._file is None:
+            return
         self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -194,9 +204,10 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             os.fsync(self._file.fileno())
             self._file.close()
+        self._closed = True
 
     def __enter__(self) -> MetricsWriter:
         return self
