@@ -98,21 +98,34 @@ def test_sharded_pairs_equal_single_device():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=5e-5)
 
 
-@pytest.mark.slow  # the resampling test below covers resume + export in CI
-def test_meta_train_resumes_bit_identically_and_exports(tmp_path):
-    from velo_scale.meta.train import meta_train
-
-    kw = dict(
-        tasks=[_task()],
-        num_outer_steps=3,
+def _meta_kw(**kw):
+    base = dict(
+        num_outer_steps=4,
         architecture=velo_scale.Architecture(**SMALL),
-        unroll_lengths=(3,),
+        unroll_lengths=(4,),
         num_pairs=8,
         last_k=2,
         checkpoint_every=1,
         init_theta="random",
         progress=False,
     )
+    return {**base, **kw}
+
+
+def _assert_moved(theta):
+    """theta left the random start of `init_theta="random"` (seed 0)."""
+    start = velo_scale.init_weights(jax.random.split(jax.random.PRNGKey(0))[0], **SMALL)
+    assert any(
+        not np.allclose(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(start), jax.tree.leaves(theta))
+    )
+
+
+@pytest.mark.slow  # the resampling test below covers resume + export in CI
+def test_meta_train_resumes_bit_identically_and_exports(tmp_path):
+    from velo_scale.meta.train import meta_train
+
+    kw = _meta_kw(tasks=[_task()], num_outer_steps=3, unroll_lengths=(3,))
     straight = meta_train(workdir=tmp_path / "a", **kw)
     meta_train(workdir=tmp_path / "b", stop_after=1, **kw)  # "killed" after 1
     resumed = meta_train(workdir=tmp_path / "b", **kw)
@@ -120,11 +133,7 @@ def test_meta_train_resumes_bit_identically_and_exports(tmp_path):
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # theta moved, and the export loads as VeLO weights that run.
-    start = velo_scale.init_weights(jax.random.split(jax.random.PRNGKey(0))[0], **SMALL)
-    assert any(
-        not np.allclose(np.asarray(x), np.asarray(y))
-        for x, y in zip(jax.tree.leaves(start), jax.tree.leaves(straight.theta))
-    )
+    _assert_moved(straight.theta)
     theta = velo_scale.load_weights(tmp_path / "a" / "params")
     assert velo_scale.Architecture.of(theta) == velo_scale.Architecture(**SMALL)
     tx = velo_scale.velo(10, weights=str(tmp_path / "a" / "params"))
@@ -288,20 +297,6 @@ def test_runtime_fields_split_and_restore():
         with_runtime(template, (1.0, 2.0))
 
 
-def _meta_kw(**kw):
-    base = dict(
-        num_outer_steps=4,
-        architecture=velo_scale.Architecture(**SMALL),
-        unroll_lengths=(4,),
-        num_pairs=8,
-        last_k=2,
-        checkpoint_every=1,
-        init_theta="random",
-        progress=False,
-    )
-    return {**base, **kw}
-
-
 def test_resampled_tasks_share_a_compiled_estimator_and_resume_exactly(tmp_path):
     """resample_every draws a new task set per round from a seeded factory; a
     redraw that only changes the init scale reuses the compiled estimator;
@@ -347,11 +342,7 @@ def test_pes_meta_train_checkpoints_its_states_and_resumes_exactly(tmp_path):
     resumed = meta_train(workdir=tmp_path / "b", **kw)
     for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    start = velo_scale.init_weights(jax.random.split(jax.random.PRNGKey(0))[0], **SMALL)
-    assert any(
-        not np.allclose(np.asarray(x), np.asarray(y))
-        for x, y in zip(jax.tree.leaves(start), jax.tree.leaves(straight.theta))
-    )
+    _assert_moved(straight.theta)
     with pytest.raises(ValueError, match="divide every unroll"):
         meta_train(**_meta_kw(tasks=[_task()], truncation_length=3))
 

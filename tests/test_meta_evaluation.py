@@ -119,3 +119,27 @@ def test_quick_suite_end_to_end(tmp_path):
     assert (tmp_path / "EVAL_curves.png").exists()
     # Every run left a record (a rerun resumes from them).
     assert len(list((tmp_path / "runs").rglob("*.json"))) == 2 * (2 + 2)
+
+
+def test_weights_digest_keys_velo_records_by_weights(tmp_path, monkeypatch):
+    """'auto' and the file it resolves to share a digest; other weights get
+    another, so a cached VeLO record is never reused for new weights."""
+    import jax
+
+    import velo_scale
+    from velo_scale._src import weights as weights_lib
+    from velo_scale.train import optimizers
+
+    # No official file: 'auto' resolves to the packaged project weights.
+    monkeypatch.delenv(weights_lib.WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(optimizers.PROJECT_WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(weights_lib, "default_cache_path", lambda: tmp_path / "none")
+    packaged = optimizers.packaged_project_weights()
+    assert ev.weights_digest("auto") == ev.weights_digest(str(packaged))
+    other = tmp_path / "params"
+    theta = velo_scale.init_weights(
+        jax.random.PRNGKey(0), lstm_hidden_size=8, param_inits=4
+    )
+    velo_scale.save_weights(other, theta)
+    assert ev.weights_digest(str(other)) != ev.weights_digest("auto")
+    assert len(ev.weights_digest(str(other))) == 12

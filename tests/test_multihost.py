@@ -57,6 +57,14 @@ def _cli(args):
     return [sys.executable, "-m", "velo_scale.cli", *args]
 
 
+def _run_single(args, devices):
+    out = subprocess.run(
+        _cli(args), cwd=REPO, env=_env(devices), capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 def _run_multihost(args, num_processes=2, devices=2):
     port = _free_port()
     procs = [
@@ -86,15 +94,7 @@ def test_meta_train_on_two_processes_equals_one(tmp_path):
     gin_file = tmp_path / "meta.gin"
     gin_file.write_text(META_GIN)
     args = ["meta-train", "--gin_file", str(gin_file), "--workdir"]
-    single = subprocess.run(
-        _cli([*args, str(tmp_path / "one")]),
-        cwd=REPO,
-        env=_env(4),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
+    _run_single([*args, str(tmp_path / "one")], devices=4)
     _run_multihost([*args, str(tmp_path / "two")])
     one = velo_scale.load_weights(tmp_path / "one" / "params")
     two = velo_scale.load_weights(tmp_path / "two" / "params")
@@ -127,15 +127,7 @@ def test_train_on_two_processes_equals_one(tmp_path):
         "--gin_param", "train.num_steps=8", "--gin_param", "train.eval_every=4",
         "--gin_param", "train.checkpoint_every=4", "--workdir",
     ]  # fmt: skip
-    single = subprocess.run(
-        _cli([*args, str(tmp_path / "one")]),
-        cwd=REPO,
-        env=_env(4),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
+    _run_single([*args, str(tmp_path / "one")], devices=4)
     _run_multihost([*args, str(tmp_path / "two")])
     (one, rows_one), (two, rows_two) = (
         _last_eval(tmp_path / "one"),

@@ -551,7 +551,7 @@ def evaluate_task(
     )  # fmt: skip
     log(f"  {task.name} nadamw: final {nadamw.final(smoothing_window):.4f}")
     velo = _cached_run(
-        _record_path(cache_dir, task, "velo"),
+        _record_path(cache_dir, task, f"velo_{weights_digest(velo_weights)}"),
         lambda: run_one(
             task, functools.partial(optimizers.velo, weights=velo_weights),
             name="velo", seed=seed,
@@ -722,6 +722,23 @@ def write_report(
     return png
 
 
+def weights_digest(weights: Any) -> str:
+    """12 hex digits of the sha256 of the theta `weights` resolves to: VeLO
+    run records are cached per weights file, so a rerun with new weights
+    reuses the (weights-independent) AdamW and NAdamW records."""
+    import contextlib
+    import io
+
+    from velo_scale._src import weights as weights_lib
+    from velo_scale.train import optimizers
+
+    with contextlib.redirect_stderr(io.StringIO()):  # the fallback notice
+        theta = optimizers.resolve_velo_weights(weights)
+    if isinstance(theta, (str, pathlib.Path)):
+        theta = weights_lib.load_weights(theta)
+    return weights_lib.sha256(theta)[:12]
+
+
 def describe_weights(weights: Any) -> str:
     """Which VeLO weights `weights` resolves to, in words."""
     if weights != "auto":
@@ -777,7 +794,9 @@ def run_suite(
       smoothing_window: trailing-mean window of the loss curves.
       velo_weights: as `velo(weights=...)`.
       out: the markdown report (None: no report).
-      cache_dir: keep each run's record here; a rerun skips finished runs.
+      cache_dir: keep each run's record here; a rerun skips finished runs
+        (VeLO's records are keyed by the weights' digest, so evaluating new
+        weights reruns only VeLO).
       compilation_cache: JAX persistent compilation cache directory (None:
         leave JAX's configuration alone); with it the AdamW grid compiles
         its train step once per task (`adamw_grid_point`).
