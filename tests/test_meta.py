@@ -324,6 +324,16 @@ def test_resampled_tasks_share_a_compiled_estimator_and_resume_exactly(tmp_path)
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     info = json.loads((tmp_path / "b" / "params.json").read_text())
     assert info["outer_steps"] == 4 and info["tasks"] == {"digits_mlp": 2}
+    # Any checkpoint exports without the run's configuration.
+    path = train_lib.export_checkpoint(tmp_path / "b", step=3)
+    assert path.name == "params_3"
+    mid = velo_scale.load_weights(path)
+    assert any(
+        not np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(mid), jax.tree.leaves(exported))
+    )
+    with pytest.raises(ValueError, match="no complete checkpoint for step 9"):
+        train_lib.export_checkpoint(tmp_path / "b", step=9)
     with pytest.raises(ValueError, match="factory"):
         train_lib.meta_train(**_meta_kw(tasks=[_task()], resample_every=2))
 

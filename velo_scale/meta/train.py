@@ -402,3 +402,46 @@ def export(
     }
     (workdir / "params.json").write_text(json.dumps(info, indent=2))
     return path
+
+
+def export_checkpoint(
+    workdir: str | pathlib.Path,
+    out: str | pathlib.Path | None = None,
+    *,
+    step: int | None = None,
+) -> pathlib.Path:
+    """Writes the theta of a meta-training checkpoint as a `params` file.
+
+    For weights from a run that is still going (or was stopped): reads
+    `workdir/checkpoints/<step>` (default: the newest complete one) without
+    needing the run's configuration.
+
+    Args:
+      workdir: the meta-training run's directory.
+      out: the file to write (default `workdir/params_<step>`).
+      step: which checkpoint.
+
+    Returns:
+      The path written.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = pathlib.Path(workdir).expanduser().absolute() / "checkpoints"
+    manager = ocp.CheckpointManager(directory)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in manager.all_steps():
+            raise ValueError(
+                f"{directory} has no complete checkpoint"
+                + (f" for step {step}" if step is not None else "")
+                + f"; steps there: {list(manager.all_steps())}."
+            )
+        restored = manager.restore(step, args=ocp.args.StandardRestore())
+    finally:
+        manager.close()
+    theta = restored["theta"] if isinstance(restored, dict) else restored.theta
+    theta = jax.tree_util.tree_map(np.asarray, theta)
+    path = pathlib.Path(out) if out is not None else directory.parent / f"params_{step}"
+    gen_id = f"velo_scale-es-checkpoint-{step}"
+    weights_lib.save_weights(path, theta, gen_id=gen_id, step=int(step))
+    return path
