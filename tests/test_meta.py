@@ -376,3 +376,32 @@ def test_search_lr_mult_keeps_the_lowest_mean_log_meta_loss():
     # lr_mult 0 does not train; 1e7 diverges (counted as 1e3) or explodes.
     assert best == 30.0
     assert losses[30.0][0] < losses[0.0][0]
+
+
+def test_cosine_start_wires_the_lstm_to_the_schedule():
+    """The cosine start's lr_mult, read from VeLO's own per-tensor network
+    for tensors with different statistics, follows the cosine schedule over
+    the fraction of training, and VeLO runs with it."""
+    from velo_scale._src import tensor_net
+    from velo_scale.meta import normalised_momentum_theta
+
+    arch = velo_scale.Architecture(lstm_hidden_size=16, param_inits=4)
+    theta = normalised_momentum_theta(
+        jax.random.PRNGKey(0), arch, lr_mult=40.0, schedule="cosine"
+    )
+    rng = np.random.default_rng(0)
+    for x in np.linspace(0, 1, 11):
+        feats = rng.normal(size=(3, 30)).astype(np.float32)  # 3 tensors
+        feats[:, :9] = np.asarray(tensor_net.fraction_embedding(jnp.float32(x)))
+        zeros = jnp.zeros((3, 16))
+        _, lr, _, _ = tensor_net.apply(
+            theta["rnn_params"], jnp.asarray(feats), zeros, zeros
+        )
+        want = 40.0 * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * x)))
+        np.testing.assert_allclose(np.asarray(lr), want, atol=0.06 * 40.0)
+    loss = jax.jit(lambda t: meta_loss(t, _task(), jax.random.PRNGKey(0), CONFIG))(
+        theta
+    )
+    assert np.isfinite(float(loss))
+    with pytest.raises(ValueError, match="schedule"):
+        normalised_momentum_theta(jax.random.PRNGKey(0), arch, schedule="linear")

@@ -35,13 +35,19 @@ def normalised_momentum_theta(
     *,
     lr_mult: float = 10.0,
     noise: float = 1e-3,
+    schedule: str = "constant",
+    final_fraction: float = 0.05,
 ) -> dict:
     """theta whose VeLO is normalised momentum (see module docstring).
 
     Args:
       key: PRNG key for the small random parts (LSTM weights, noise).
       architecture: sizes (ff_hidden_size must be >= 2).
-      lr_mult: the constant step-size multiplier at the start.
+      lr_mult: the step-size multiplier (the peak with a schedule).
+      schedule: "constant", or "cosine": the per-tensor LSTM is wired so that
+        lr_mult follows `lr_mult * (f + (1 - f) * (1 + cos(pi x)) / 2)` over
+        the fraction of training x, f = `final_fraction`
+        (`wire_lstm_schedule`).
       noise: scale of random weights added to every MLP of the bank and the
         heads' input weights, so that perturbations have something to steer.
     """
@@ -90,7 +96,70 @@ def normalised_momentum_theta(
         "b": jnp.full((1,), lr_mult),
     }
     theta["rnn_params"] = rnn
+    if schedule == "cosine":
+        theta = wire_lstm_schedule(
+            theta,
+            lambda x: (
+                lr_mult
+                * (
+                    final_fraction
+                    + (1 - final_fraction) * 0.5 * (1 + np.cos(np.pi * x))
+                )
+            ),
+        )
+    elif schedule != "constant":
+        raise ValueError(f"schedule must be 'constant' or 'cosine'; got {schedule!r}.")
     return theta
+
+
+def wire_lstm_schedule(theta: dict, target: Callable[[np.ndarray], np.ndarray]) -> dict:
+    """Sets the per-tensor LSTM so that lr_mult(x) ~= target(x) over the
+    fraction of training x in [0, 1] (x = step / num_steps).
+
+    The first 9 LSTM units copy the 9 fraction-of-training features
+    (tanh(10 (x - t)), `tensor_net.fraction_embedding`): the per-tensor
+    projection passes feature k to unit k, the unit's input and output gates
+    are open (bias +10) and its forget gate shut (bias -20), so its hidden
+    state is a fixed monotone function h_k(x) with no memory. The step-size
+    head is then the least-squares fit of `target` by b + sum_k c_k h_k(x) on
+    201 points. Every other weight keeps its value, so ES can perturb all of
+    them.
+    """
+    from velo_scale._src import tensor_net
+
+    rnn = {k: dict(v) for k, v in theta["rnn_params"].items()}
+    hidden = rnn["rnn/linear"]["w"].shape[1] // 4
+    k = len(tensor_net._TIME_EMBED_TIMESCALES)  # noqa: SLF001
+    if hidden < k:
+        raise ValueError(f"wire_lstm_schedule needs lstm_hidden_size >= {k}.")
+    idx = jnp.arange(k)
+    rnn["linear_2"]["w"] = rnn["linear_2"]["w"].at[:, :k].set(0.0).at[idx, idx].set(1.0)
+    rnn["linear_2"]["b"] = rnn["linear_2"]["b"].at[:k].set(0.0)
+    # ... and the mixing layer adds nothing to them.
+    rnn["linear_1"]["w"] = rnn["linear_1"]["w"].at[:, :k].set(0.0)
+    rnn["linear_1"]["b"] = rnn["linear_1"]["b"].at[:k].set(0.0)
+    w, b = rnn["rnn/linear"]["w"], rnn["rnn/linear"]["b"]
+    for gate in range(4):  # i, g, f, o: zero the wired units' weights
+        w = w.at[:, gate * hidden + idx].set(0.0)
+    w = w.at[idx, hidden + idx].set(1.0)  # g = x_k
+    b = b.at[idx].set(10.0).at[hidden + idx].set(0.0)
+    b = b.at[2 * hidden + idx].set(-20.0).at[3 * hidden + idx].set(10.0)
+    rnn["rnn/linear"] = {"w": w, "b": b}
+    # h_k(x) from the network itself (one tensor, zero state), then the fit.
+    xs = np.linspace(0.0, 1.0, 201)
+    feats = np.zeros((len(xs), tensor_net.NUM_TENSOR_FEATURES), np.float32)
+    feats[:, :k] = np.asarray(jax.vmap(tensor_net.fraction_embedding)(jnp.asarray(xs)))
+    zeros = jnp.zeros((1, hidden))
+    h = np.stack([
+        np.asarray(tensor_net.apply(rnn, jnp.asarray(f)[None], zeros, zeros)[2][0, :k])
+        for f in feats
+    ])  # fmt: skip
+    design = np.concatenate([h, np.ones((len(xs), 1))], axis=1)
+    coef, *_ = np.linalg.lstsq(design, target(xs), rcond=None)
+    step = rnn["step_size"]["w"].at[:k, 0].set(jnp.asarray(coef[:k], jnp.float32))
+    step = step.at[k:, 0].set(step[k:, 0] * 0.0)
+    rnn["step_size"] = {"w": step, "b": jnp.asarray(coef[k:], jnp.float32)}
+    return {**theta, "rnn_params": rnn}
 
 
 def search_lr_mult(
@@ -101,6 +170,7 @@ def search_lr_mult(
     num_steps: int = 100,
     last_k: int = 5,
     key: jax.Array,
+    schedule: str = "constant",
     log: Callable[[str], None] | None = print,
 ) -> tuple[float, dict[float, list[float]]]:
     """Picks the start's `lr_mult` by meta-loss on the meta-training tasks.
@@ -127,7 +197,9 @@ def search_lr_mult(
         run = jax.jit(lambda theta, k, task=task: meta_loss(theta, task, k, config))
         k = jax.random.fold_in(task_key, i)
         for c in candidates:
-            theta = normalised_momentum_theta(theta_key, architecture, lr_mult=c)
+            theta = normalised_momentum_theta(
+                theta_key, architecture, lr_mult=c, schedule=schedule
+            )
             losses[float(c)].append(float(run(theta, k)))
     scores = {c: float(np.mean(np.log(v))) for c, v in losses.items()}
     best = min(scores, key=scores.get)

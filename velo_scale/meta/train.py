@@ -98,6 +98,7 @@ def meta_train(
     num_devices: int | None = None,
     init_theta: Any = "normalised_momentum",
     init_lr_mult: float | str = 10.0,
+    init_schedule: str = "constant",
     lr_mult_candidates: Sequence[float] = (3.0, 10.0, 30.0, 100.0, 300.0),
     progress: bool = True,
 ) -> MetaState:
@@ -144,6 +145,8 @@ def meta_train(
       init_lr_mult: the normalised-momentum start's step-size multiplier, or
         `"search"`: chosen among `lr_mult_candidates` by meta-loss on the
         first draw of tasks at the longest unroll (`init.search_lr_mult`).
+      init_schedule: the normalised-momentum start's lr_mult over training:
+        "constant" or "cosine" (`init.normalised_momentum_theta`).
       progress: print one line per outer step.
 
     Returns:
@@ -193,7 +196,9 @@ def meta_train(
 
     def start_theta(key: jax.Array, lr_mult: float) -> Any:
         if isinstance(init_theta, str) and init_theta == "normalised_momentum":
-            return normalised_momentum_theta(key, architecture, lr_mult=lr_mult)
+            return normalised_momentum_theta(
+                key, architecture, lr_mult=lr_mult, schedule=init_schedule
+            )
         if isinstance(init_theta, str) and init_theta == "random":
             return weights_lib.init_weights(key, architecture)
         if isinstance(init_theta, (str, pathlib.Path)):
@@ -251,6 +256,7 @@ def meta_train(
                 num_steps=max(unroll_lengths),
                 last_k=last_k,
                 key=jax.random.fold_in(jax.random.PRNGKey(seed), 1),
+                schedule=init_schedule,
                 log=print if progress else None,
             )
         state = fresh(jax.random.PRNGKey(seed), float(lr_mult))
