@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import pathlib
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +42,7 @@ from velo_scale.meta.es import (
     with_runtime,
 )
 from velo_scale.meta.init import normalised_momentum_theta, search_lr_mult
+from velo_scale.train.progress import ProgressBar
 
 # A network small enough to meta-train on 2 CPU cores.
 SMALL_ARCHITECTURE = weights_lib.Architecture(lstm_hidden_size=32, param_inits=16)
@@ -147,7 +147,7 @@ def meta_train(
         first draw of tasks at the longest unroll (`init.search_lr_mult`).
       init_schedule: the normalised-momentum start's lr_mult over training:
         "constant" or "cosine" (`init.normalised_momentum_theta`).
-      progress: print one line per outer step.
+      progress: a progress bar (tqdm, stderr) with the meta-loss.
 
     Returns:
       The final `MetaState`.
@@ -338,7 +338,7 @@ def meta_train(
         return new_state, jnp.stack(losses)
 
     last = num_outer_steps if stop_after is None else min(stop_after, num_outer_steps)
-    t0 = time.time()
+    bar = ProgressBar(progress, int(state.step), num_outer_steps, unit="outer step")
     try:
         for outer in range(int(state.step), last):
             length = curriculum(outer, num_outer_steps, unroll_lengths)
@@ -357,17 +357,13 @@ def meta_train(
                 )
             if writer:
                 writer.write(outer + 1, metrics, split="train")
-            if progress:
-                print(
-                    f"meta step {outer + 1}/{num_outer_steps} unroll {length} "
-                    f"meta-loss {metrics['meta_loss']:.4f} ({time.time() - t0:.0f} s)",
-                    flush=True,
-                )
+            bar.update(meta_loss=metrics["meta_loss"], unroll=length)
             if checkpointer and (
                 (outer + 1) % checkpoint_every == 0 or outer + 1 == last
             ):
                 checkpointer.save(outer + 1, state)
     finally:
+        bar.close()
         if checkpointer:
             checkpointer.close()
         if writer:

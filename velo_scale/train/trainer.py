@@ -36,6 +36,7 @@ from velo_scale.data import BatchIterator, load_dataset, load_tfds
 from velo_scale.train import checkpoint as ckpt_lib
 from velo_scale.train.metrics import MetricsWriter
 from velo_scale.train.optimizers import Optimizer
+from velo_scale.train.progress import ProgressBar
 from velo_scale.train.state import TrainState
 from velo_scale.workloads.base import Workload, split_variables
 from velo_scale.workloads.classification import Classification
@@ -371,7 +372,7 @@ def train(
         )
 
     last = num_steps if stop_after is None else min(num_steps, stop_after)
-    bar = _progress(progress, first, num_steps)
+    bar = ProgressBar(progress, first, num_steps)
     recent: list[float] = []
     eval_metrics: dict[str, float] = {}
     t0, steps_run = time.time(), 0
@@ -411,7 +412,8 @@ def train(
                 (checkpoint_every and step % checkpoint_every == 0) or step == last
             ):
                 checkpointer.save(step, state)
-            bar.update(metrics["loss"], steps_run / max(time.time() - t0, 1e-9))
+            rate = steps_run / max(time.time() - t0, 1e-9)
+            bar.update(loss=float(metrics["loss"]), steps_s=f"{rate:.1f}")
     finally:
         bar.close()
         if checkpointer:
@@ -429,27 +431,3 @@ def train(
     return TrainResult(
         state, final_loss, eval_metrics, rate, str(workdir) if workdir else None
     )
-
-
-class _progress:
-    """A tqdm bar with loss and steps/s (or nothing when disabled)."""
-
-    def __init__(self, enabled: bool, start: int, total: int):
-        self._bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self._bar = tqdm(
-                total=total, initial=start, unit="step", dynamic_ncols=True
-            )
-
-    def update(self, loss: float, rate: float) -> None:
-        if self._bar is not None:
-            self._bar.set_postfix(
-                loss=f"{loss:.4f}", steps_s=f"{rate:.1f}", refresh=False
-            )
-            self._bar.update(1)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
