@@ -5,7 +5,8 @@ pairs sharded over the `pop` mesh axis), normalises each estimate to unit
 length, averages them and takes an Adam step on the meta-parameters. The
 estimator is compiled once per static task configuration (`task_signature`)
 and unroll length and reused by every task and estimate that shares it
-(paper App. E.3: compilation is the expensive part). The unroll length
+(paper App. E.3: compilation is the expensive part); the estimates that share
+one compiled estimator run as a single vmapped batch. The unroll length
 follows a curriculum over a few discrete lengths (short first), so each length
 compiles once. The meta-parameters, the outer optimizer state and the RNG are
 checkpointed with orbax (resume is bit-identical), and the result is exported
@@ -280,16 +281,24 @@ def meta_train(
             config = ESConfig(num_pairs, sigma, length, min(last_k, length),
                               truncation_length)  # fmt: skip
 
-            def estimate(theta, key, runtime, pes=None):
-                TRACES[signature] += 1  # runs once per trace (compilation)
+            def one(theta, key, runtime):
                 task = with_runtime(template, runtime)
+                g, loss = es_gradient(theta, task, key, config, sharding=pair_sharding)
+                return normalise(g), loss
+
+            def estimate(theta, key, runtime, pes=None):
+                """ES: `key` [B] and `runtime` [B, R] stack B estimates (tasks
+                of this configuration and their repeats), vmapped; returns
+                grads and losses with a leading [B]. PES: one estimate."""
+                TRACES[signature] += 1  # runs once per trace (compilation)
                 if truncation_length:
+                    task = with_runtime(template, runtime)
                     g, loss, pes = pes_gradient(
                         theta, task, pes, key, config, sharding=pair_sharding
                     )
                     return normalise(g), loss, pes
-                g, loss = es_gradient(theta, task, key, config, sharding=pair_sharding)
-                return normalise(g), loss, None
+                g, loss = jax.vmap(one, in_axes=(None, 0, 0))(theta, key, runtime)
+                return g, loss, None
 
             estimators[cache_key] = jax.jit(
                 estimate, out_shardings=(replicated, replicated, replicated)
@@ -299,7 +308,12 @@ def meta_train(
         return estimators[cache_key], jnp.asarray(runtime, jnp.float32)
 
     def apply(state: MetaState, grads: list, key: jax.Array) -> MetaState:
-        grad = jax.tree_util.tree_map(lambda *g: sum(g) / len(g), *grads)
+        """Adam step on the mean of every estimate (`grads`: trees whose
+        leaves stack estimates on a leading axis)."""
+        count = sum(jax.tree_util.tree_leaves(g)[0].shape[0] for g in grads)
+        grad = jax.tree_util.tree_map(
+            lambda *g: sum(jnp.sum(x, axis=0) for x in g) / count, *grads
+        )
         updates, opt_state = adam.update(grad, state.opt_state, state.theta)
         theta = optax.apply_updates(state.theta, updates)
         return MetaState(state.step + 1, theta, opt_state, key)
@@ -316,7 +330,8 @@ def meta_train(
             or length != curriculum(previous, num_outer_steps, unroll_lengths)
         ):
             pes = pes_states(state.theta, step, pes_key)
-        grads, losses, new_pes = [], [], []
+        # One (task, estimate) slot per ES estimate, in a fixed order.
+        slots = []
         for i, (task, task_key) in enumerate(zip(task_list, task_keys)):
             keys = (
                 [task_key]
@@ -324,14 +339,30 @@ def meta_train(
                 else list(jax.random.split(task_key, estimates_per_task))
             )
             fn, runtime = estimator(task, length)
-            task_losses = []
-            for j, k in enumerate(keys):
-                slot = pes[i * estimates_per_task + j] if pes is not None else None
-                g, loss, slot = fn(state.theta, k, runtime, slot)
-                grads.append(g)
+            slots.extend((i, fn, runtime, k) for k in keys)
+        grads, new_pes = [], []
+        slot_losses: list[list[jax.Array]] = [[] for _ in task_list]
+        if truncation_length:
+            for n, (i, fn, runtime, k) in enumerate(slots):
+                g, loss, slot = fn(state.theta, k, runtime, pes[n])
+                grads.append(jax.tree_util.tree_map(lambda x: x[None], g))
                 new_pes.append(slot)
-                task_losses.append(loss)
-            losses.append(jnp.mean(jnp.stack(task_losses)))
+                slot_losses[i].append(loss)
+        else:  # slots sharing a compiled estimator run as one vmapped batch
+            groups: dict[int, list] = {}
+            for slot in slots:
+                groups.setdefault(id(slot[1]), []).append(slot)
+            for group in groups.values():
+                fn = group[0][1]
+                g, loss, _ = fn(
+                    state.theta,
+                    jnp.stack([k for _, _, _, k in group]),
+                    jnp.stack([r for _, _, r, _ in group]),
+                )
+                grads.append(g)
+                for b, (i, _, _, _) in enumerate(group):
+                    slot_losses[i].append(loss[b])
+        losses = [jnp.mean(jnp.stack(x)) for x in slot_losses]
         new_state = apply_jit(state.replace(pes=None), grads, key)
         if truncation_length:
             new_state = new_state.replace(pes=tuple(new_pes))
