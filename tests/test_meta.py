@@ -407,6 +407,7 @@ def test_cosine_start_wires_the_lstm_to_the_schedule():
         normalised_momentum_theta(jax.random.PRNGKey(0), arch, schedule="linear")
 
 
+@pytest.mark.slow  # CI runs the batched path in the resampling / compile-once tests
 def test_tasks_of_one_configuration_are_vmapped_and_equal_separate_estimates():
     """Two tasks that differ only in init scale run as one vmapped batch;
     the outer step equals Adam on the mean of their separately computed,
