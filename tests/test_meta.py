@@ -154,16 +154,8 @@ def test_estimator_compiles_once_per_static_config_and_is_deterministic():
     other = digits_mlp_task(hidden=(4,), batch_size=16)
     assert a is not b and task_signature(a) == task_signature(b)
     assert task_signature(a) != task_signature(other)
-    kw = dict(
-        tasks=[a, b],
-        num_outer_steps=2,
-        architecture=velo_scale.Architecture(**SMALL),
-        unroll_lengths=(3,),
-        num_pairs=8,
-        estimates_per_task=2,
-        last_k=2,
-        init_theta="random",
-        progress=False,
+    kw = _meta_kw(
+        tasks=[a, b], num_outer_steps=2, unroll_lengths=(3,), estimates_per_task=2
     )
     runs = []
     for _ in range(2):

@@ -206,6 +206,23 @@ def task_signature(task: Any) -> tuple:
 RUNTIME_FIELDS = ("init_scale",)
 
 
+def _map_runtime(task: Any, new_value: Any) -> tuple[Any, list]:
+    """(task with every `RUNTIME_FIELDS` value v replaced by `new_value(v)`,
+    recursively through dataclass fields; the old values in visiting order)."""
+    if not dataclasses.is_dataclass(task) or isinstance(task, type):
+        return task, []
+    changes, old = {}, []
+    for f in dataclasses.fields(task):
+        value = getattr(task, f.name)
+        if f.name in RUNTIME_FIELDS:
+            old.append(value)
+            changes[f.name] = new_value(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes[f.name], inner = _map_runtime(value, new_value)
+            old.extend(inner)
+    return dataclasses.replace(task, **changes), old
+
+
 def split_runtime(task: Any) -> tuple[Any, tuple[float, ...]]:
     """Separates a task's `RUNTIME_FIELDS` from its static configuration.
 
@@ -214,18 +231,8 @@ def split_runtime(task: Any) -> tuple[Any, tuple[float, ...]]:
       dataclass fields such as `AugmentedTask.task`; the original values in
       the order `with_runtime` puts them back).
     """
-    if not dataclasses.is_dataclass(task) or isinstance(task, type):
-        return task, ()
-    changes, values = {}, []
-    for f in dataclasses.fields(task):
-        value = getattr(task, f.name)
-        if f.name in RUNTIME_FIELDS:
-            changes[f.name] = 1.0
-            values.append(float(value))
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            changes[f.name], inner = split_runtime(value)
-            values.extend(inner)
-    return dataclasses.replace(task, **changes), tuple(values)
+    template, values = _map_runtime(task, lambda _: 1.0)
+    return template, tuple(float(v) for v in values)
 
 
 def with_runtime(template: Any, values: Any) -> Any:
@@ -233,20 +240,7 @@ def with_runtime(template: Any, values: Any) -> Any:
     `values` (floats or traced f32[] scalars, e.g. the rows of a jit
     argument), in `split_runtime`'s order."""
     values = list(values)
-
-    def fill(task: Any) -> Any:
-        if not dataclasses.is_dataclass(task) or isinstance(task, type):
-            return task
-        changes = {}
-        for f in dataclasses.fields(task):
-            value = getattr(task, f.name)
-            if f.name in RUNTIME_FIELDS:
-                changes[f.name] = values.pop(0)
-            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-                changes[f.name] = fill(value)
-        return dataclasses.replace(task, **changes)
-
-    task = fill(template)
+    task, _ = _map_runtime(template, lambda _: values.pop(0))
     if values:
         raise ValueError(f"{len(values)} runtime values left over for {template!r}.")
     return task

@@ -269,11 +269,17 @@ def meta_train(
     # least recently used dropped past `max_compiled`.
     estimators: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
 
+    @functools.cache
+    def static_config(task: Any) -> tuple[Any, tuple[float, ...], tuple]:
+        """(template, runtime values, signature) of a task, computed once per
+        task object (the signature hashes the task's data arrays)."""
+        template, runtime = split_runtime(task)
+        return template, runtime, task_signature(template)
+
     def estimator(task: Any, length: int) -> tuple[Callable, jax.Array]:
         """(the compiled ES / PES estimate of `task`'s static configuration,
         the task's runtime values to call it with)."""
-        template, runtime = split_runtime(task)
-        signature = task_signature(template)
+        template, runtime, signature = static_config(task)
         cache_key = (signature, length)
         if cache_key in estimators:
             estimators.move_to_end(cache_key)
