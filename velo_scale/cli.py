@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from velo_scale._src.weights import WeightsError
     from velo_scale.train.checkpoint import CheckpointError
+    from velo_scale.train.lock import WorkdirLockedError
+    from velo_scale.train.signals import TrainingInterrupted
     from velo_scale.train.trainer import NonFiniteLossError
 
     try:
@@ -317,11 +319,15 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         CheckpointError,
         NonFiniteLossError,
+        WorkdirLockedError,
         ValueError,
         ImportError,
     ) as e:
         print(f"velo-scale: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # SIGTERM/SIGINT: checkpointed, clean exit
+        print(f"velo-scale: {e}", file=sys.stderr)
+        return 128 + e.signum
     return 0
 
 

@@ -5,17 +5,28 @@ save is complete, so an interrupted save leaves the previous checkpoint intact
 and `latest_step()` never returns a half-written one. Restores take an
 abstract target (`jax.ShapeDtypeStruct`s with shardings), so a checkpoint
 written on one mesh restores onto another (8 -> 4 -> 1 devices).
+
+Each step also carries a checksum manifest (sha256 of every file, see
+`velo_scale.train.manifest`), committed with orbax's rename.
+`Checkpointer.restore_latest_intact` verifies it before restoring; a corrupt,
+unreadable or unverified step is moved to `corrupt/` with a warning naming
+it, and the newest intact one is used instead.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import time
 import uuid
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from velo_scale.train import manifest as manifest_lib
 
 
 class CheckpointError(RuntimeError):
@@ -38,8 +49,29 @@ def check_writable(directory: str | os.PathLike) -> pathlib.Path:
     return path
 
 
+MANIFESTED_FLAG = "velo_scale_checksums"
+_FLAG_TEXT = (
+    "Every step directory here carries velo_scale_manifest.json (checksums of "
+    "its files); velo_scale does not restore a step without one.\n"
+)
+# Files orbax rewrites or adds when it commits a step, after the data is final.
+_COMMIT_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
+CORRUPT_DIR = "corrupt"
+
+
+def _is_primary() -> bool:
+    return jax.process_index() == 0
+
+
 class Checkpointer:
-    """Saves and restores `TrainState`s under one directory.
+    """Saves and restores `TrainState`s under one directory, with checksums.
+
+    Every step directory gets a checksum manifest (`velo_scale.train.manifest`).
+    With asynchronous saves it is written from orbax's finalization callback
+    into the step's temporary directory, so orbax's atomic rename commits the
+    data and its checksums together; the two files orbax changes while
+    committing are added at the next `save`, `wait` or `close`. Multi-host:
+    process 0 writes and verifies manifests.
 
     Args:
       directory: where step directories go (created; must be writable).
@@ -51,39 +83,207 @@ class Checkpointer:
         self, directory: str | os.PathLike, *, keep: int = 3, asynchronous: bool = True
     ):
         self.directory = check_writable(directory)
+        self._unfinished: list[int] = []  # steps whose manifest is incomplete
+        self._in_flight: int | None = None
+        kwargs = {}
+        if asynchronous and _has_post_finalization_callback():
+            kwargs["async_options"] = ocp.AsyncOptions(
+                post_finalization_callback=self._on_finalized
+            )
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True
-        )
+            max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True,
+            **kwargs,
+        )  # fmt: skip
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # A directory with steps but no flag was written without manifests
+        # (an older velo_scale): its steps are restored unverified.
+        self.legacy = not (self.directory / MANIFESTED_FLAG).exists() and any(
+            not manifest_lib.has_manifest(self.step_dir(s)) for s in self.all_steps()
+        )
+        if _is_primary() and not self.legacy:
+            flag = self.directory / MANIFESTED_FLAG
+            if not flag.exists():
+                flag.write_text(_FLAG_TEXT)
+
+    def step_dir(self, step: int) -> pathlib.Path:
+        return self.directory / str(step)
 
     def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step, or None."""
+        """The newest complete checkpoint's step (not verified), or None."""
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        return sorted(self._manager.all_steps())
+
+    # -- saving ------------------------------------------------------------------
+
+    def _on_finalized(self) -> None:
+        """orbax's post-finalization callback (process 0, background thread):
+        the step's data is written, its temporary directory not yet renamed."""
+        step = self._in_flight
+        if step is None:
+            return
+        tmp = sorted(self.directory.glob(f"{step}{_TMP_SUFFIX}*"))
+        if len(tmp) != 1:
+            return  # written after the commit instead (`_finish_manifests`)
+        try:
+            manifest_lib.write_manifest(tmp[0], pending=_COMMIT_FILES)
+        except OSError:  # retried after the commit
+            pass
+
+    def _finish_manifests(self) -> None:
+        """After orbax has committed: completes (or writes) the manifests."""
+        for step in self._unfinished:
+            path = self.step_dir(step)
+            if not path.is_dir():
+                continue  # removed by max_to_keep
+            if not manifest_lib.complete_manifest(path):
+                manifest_lib.write_manifest(path)
+        self._unfinished = []
 
     def save(self, step: int, state: Any) -> None:
         """Starts saving `state` as `step` (returns before it is on disk when
-        asynchronous)."""
+        asynchronous; the manifest follows)."""
+        self._manager.wait_until_finished()
+        if _is_primary():
+            self._finish_manifests()
+        self._in_flight = step
         self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        self._unfinished.append(step)
+
+    def wait(self) -> None:
+        """Blocks until pending saves and their manifests are on disk."""
+        self._manager.wait_until_finished()
+        if _is_primary():
+            self._finish_manifests()
+
+    def close(self) -> None:
+        self.wait()
+        self._manager.close()
+
+    # -- verifying and restoring ---------------------------------------------------
+
+    def verify(self, step: int) -> str | None:
+        """None when step's files match its manifest, else the reason.
+
+        Steps of a legacy directory (written without manifests) pass unchecked."""
+        path = self.step_dir(step)
+        if self.legacy and not manifest_lib.has_manifest(path):
+            return None
+        return manifest_lib.verify_manifest(path)
+
+    def quarantine(self, step: int, reason: str) -> pathlib.Path | None:
+        """Moves a bad step to `corrupt/` (process 0) with a warning naming it."""
+        target = None
+        if _is_primary():
+            target = self.directory / CORRUPT_DIR / f"{step}.{int(time.time())}"
+            target.parent.mkdir(exist_ok=True)
+            try:
+                os.replace(self.step_dir(step), target)
+            except OSError:
+                target = None
+        where = f"moved to {target}" if target else "left in place"
+        warnings.warn(
+            f"checkpoint step {step} in {self.directory} is not usable: {reason}; "
+            f"{where}. Falling back to the newest intact checkpoint.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return target
+
+    def reload(self) -> None:
+        """Re-reads the step list (after `quarantine`)."""
+        if hasattr(self._manager, "reload"):
+            self._manager.reload()
 
     def restore(self, step: int, target: Any) -> Any:
         """Restores step onto `target`: a tree of `jax.ShapeDtypeStruct`s with
-        the desired shardings (or arrays, whose shardings are used)."""
+        the desired shardings (or arrays, whose shardings are used).
+
+        Raises `CheckpointError` (naming the step) when orbax cannot read it or
+        its tree does not match `target`."""
         abstract = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
             target,
         )
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} cannot be restored "
+                f"onto this run's train state ({type(e).__name__}: {first}). If the "
+                "model or optimizer changed, use a new workdir."
+            ) from e
 
-    def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
+    def _choose_step(self) -> int | None:
+        """Process 0 verifies steps newest first, quarantining bad ones; every
+        process gets its choice."""
+        chosen = -1
+        if _is_primary():
+            for step in reversed(self.all_steps()):
+                reason = self.verify(step)
+                if reason is None:
+                    chosen = step
+                    break
+                self.quarantine(step, reason)
+        if jax.process_count() > 1:
+            import numpy as np
+            from jax.experimental import multihost_utils
 
-    def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+            chosen = int(multihost_utils.broadcast_one_to_all(np.int32(chosen)))
+        self.reload()
+        return None if chosen < 0 else chosen
+
+    def restore_latest_intact(
+        self, target: Any, *, check: Callable[[Any], str | None] | None = None
+    ) -> tuple[int | None, Any]:
+        """Restores the newest checkpoint that verifies against its manifest.
+
+        Corrupt, unreadable or unverified steps (and those for which
+        `check(state)` returns a reason) are moved to `corrupt/` with a warning
+        naming the step; the next older one is tried.
+
+        Returns:
+          (step, state), or (None, None) when no intact checkpoint exists.
+        """
+        while (step := self._choose_step()) is not None:
+            unverified = self.legacy and not manifest_lib.has_manifest(
+                self.step_dir(step)
+            )
+            try:
+                state = self.restore(step, target)
+            except CheckpointError as e:
+                if not unverified:
+                    raise
+                reason = str(e.__cause__ or e).strip().splitlines()[0][:200]
+                self.quarantine(step, f"orbax cannot read it ({reason})")
+                continue
+            reason = check(state) if check is not None else None
+            if reason is None:
+                if unverified:
+                    warnings.warn(
+                        f"checkpoint step {step} in {self.directory} has no checksum "
+                        "manifest (written by an older velo_scale); restored "
+                        "unverified.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                return step, state
+            self.quarantine(step, reason)
+        return None, None
+
+
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+def _has_post_finalization_callback() -> bool:
+    import dataclasses
+
+    cls = getattr(ocp, "AsyncOptions", None)
+    return cls is not None and "post_finalization_callback" in {
+        f.name for f in dataclasses.fields(cls)
+    }
 
 
 def restore_params(directory: str | os.PathLike, target_params: Any) -> Any:

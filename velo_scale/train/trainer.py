@@ -15,10 +15,10 @@ continues bit-identically.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -34,9 +34,12 @@ from jax.sharding import PartitionSpec as P
 from velo_scale._src import sharding as sharding_lib
 from velo_scale.data import BatchIterator, load_dataset, load_tfds
 from velo_scale.train import checkpoint as ckpt_lib
-from velo_scale.train.metrics import MetricsWriter
+from velo_scale.train import lock as lock_lib
+from velo_scale.train import run_config
+from velo_scale.train.metrics import METRICS_FILE, MetricsWriter, read_metrics
 from velo_scale.train.optimizers import Optimizer
 from velo_scale.train.progress import ProgressBar
+from velo_scale.train.signals import StopOnSignal, TrainingInterrupted
 from velo_scale.train.state import TrainState
 from velo_scale.workloads.base import Workload, split_variables
 from velo_scale.workloads.classification import Classification
@@ -55,7 +58,9 @@ DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+    """Training stopped on non-finite values: too many consecutive steps had a
+    non-finite loss, gradient, update or optimizer state, or the initial
+    state was non-finite. Nothing non-finite was committed or checkpointed."""
 
 
 @dataclasses.dataclass
@@ -189,7 +194,16 @@ def train(
 
     Returns:
       A `TrainResult`.
+
+    Raises:
+      WorkdirLockedError: another live process runs in `workdir`.
+      ConfigMismatchError: resuming `workdir` with a different run's
+        num_steps, seed, batch size, optimizer, data or model.
+      TrainingInterrupted: SIGTERM or SIGINT; the last completed step was
+        checkpointed and the same call resumes from it.
+      NonFiniteLossError: `max_nonfinite_steps` consecutive skipped steps.
     """
+    kwargs = dict(locals())
     if num_steps < 1:
         raise ValueError(f"train.num_steps must be >= 1; got {num_steps}.")
     if (model is None) == (workload is None):
@@ -199,6 +213,50 @@ def train(
             f"model={type(model).__name__ if model else None}, "
             f"workload={type(workload).__name__ if workload else None}."
         )
+    workdir = pathlib.Path(workdir).expanduser() if workdir is not None else None
+    if checkpoint_dir is None and workdir is not None:
+        checkpoint_dir = workdir / "checkpoints"
+    run_dirs = [d for d in (workdir, checkpoint_dir) if d is not None]
+    for d in run_dirs:
+        ckpt_lib.check_writable(d)  # a clear error before anything else
+    kwargs.update(workdir=workdir, checkpoint_dir=checkpoint_dir)
+    # One run per workdir; SIGTERM/SIGINT stop after a step, with a checkpoint.
+    with (
+        lock_lib.lock_run_directories(run_dirs),
+        StopOnSignal(enabled=checkpoint_dir is not None) as stop,
+    ):
+        return _train(**kwargs, stop=stop)
+
+
+def _train(
+    *,
+    model,
+    workload,
+    optimizer,
+    num_steps,
+    data,
+    eval_data,
+    data_dir,
+    batch_size,
+    eval_batch_size,
+    mesh_shape,
+    axis_names,
+    logical_axis_rules,
+    eval_every,
+    workdir,
+    checkpoint_dir,
+    checkpoint_every,
+    keep_checkpoints,
+    init_from,
+    seed,
+    stop_after,
+    max_nonfinite_steps,
+    log_every,
+    progress,
+    config,
+    stop: StopOnSignal,
+) -> TrainResult:
+    """`train` once its directories are locked (see `train`)."""
     if workload is None:
         workload = Classification(model)
     mesh = make_mesh(mesh_shape, axis_names)
@@ -208,14 +266,6 @@ def train(
             f"train.batch_size={batch_size} must be divisible by the mesh's "
             f"{data_axis!r} axis ({mesh.shape[data_axis]} devices)."
         )
-    workdir = pathlib.Path(workdir).expanduser() if workdir is not None else None
-    if checkpoint_dir is None and workdir is not None:
-        checkpoint_dir = workdir / "checkpoints"
-    checkpointer = None
-    if checkpoint_dir is not None:
-        # Fails before any training if the directory is not writable.
-        checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=keep_checkpoints)
-
     train_source = _source(data, "train", data_dir)
     if eval_data is None and isinstance(data, str):
         # Without an explicit split, evaluate on the dataset's "test" split.
@@ -295,11 +345,10 @@ def train(
         else:
             updates, opt_state = opt.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.all(
-            jnp.stack(
-                [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]
-            )
-        )
+        # Commit nothing non-finite: the loss, gradients and everything the
+        # step would commit (params = params + updates, model and optimizer
+        # state) are checked in one fused reduction; a failing step is skipped.
+        finite = _all_finite((loss, grads, params, model_state, opt_state))
         keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
             lambda a, b: jnp.where(finite, a, b), new, old
         )
@@ -329,96 +378,131 @@ def train(
         donate_argnums=0,
     )
 
-    # Start: resume the run's own checkpoint, else fresh (or init_from params).
-    start_step = checkpointer.latest_step() if checkpointer else None
-    if start_step is not None:
-        target = jax.eval_shape(init_state, init_key)
-        target = jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            target,
-            state_sh,
-        )
-        state = checkpointer.restore(start_step, target)
-        iterator.set_state(
-            {"epoch": int(state.data_epoch), "index": int(state.data_index)}
-        )
-    else:
-        state = jit_init(init_key)
-        if init_from is not None:
-            state = state.replace(
-                params=ckpt_lib.restore_params(init_from, state.params)
-            )
-            state = state.replace(
-                opt_state=jax.jit(opt.tx.init, out_shardings=opt_sh)(state.params)
-            )
-    first = int(state.step)
+    finite_flags = jax.jit(_finite_flags, out_shardings=replicated)
 
-    writer = MetricsWriter(workdir) if workdir is not None else None
-    if workdir is not None:
-        info = {
-            "optimizer": opt.name,
-            "num_steps": num_steps,
-            "batch_size": batch_size,
-            "mesh_shape": list(mesh.devices.shape),
-            "axis_names": list(axis_names),
-            "seed": seed,
-            "config": dict(config or {}),
-        }
-        (workdir / "config.json").write_text(json.dumps(info, indent=2, default=str))
+    def nonfinite_reason(state: TrainState) -> str | None:
+        names = [n for n, _ in _inexact_leaves(_committed(state))]
+        flags = np.asarray(finite_flags(state))
+        bad = [n for n, ok in zip(names, flags) if not ok]
+        if not bad:
+            return None
+        return f"non-finite values in {len(bad)} array(s): {', '.join(bad[:3])}"
 
-    def evaluate(state: TrainState) -> dict[str, float]:
-        return workload.evaluate(
-            state.params, state.model_state, eval_source, eval_batch_size
-        )
-
-    last = num_steps if stop_after is None else min(num_steps, stop_after)
-    bar = ProgressBar(progress, first, num_steps)
-    recent: list[float] = []
-    eval_metrics: dict[str, float] = {}
-    t0, steps_run = time.time(), 0
+    abstract_state = jax.eval_shape(init_state, init_key)
+    requested = run_config.describe_run(
+        num_steps=num_steps, seed=seed, batch_size=batch_size, optimizer=opt.name,
+        data=data, workload=workload, abstract_state=abstract_state,
+        mesh_shape=mesh.devices.shape, axis_names=axis_names, config=config,
+    )  # fmt: skip
+    primary = jax.process_index() == 0
+    checkpointer = writer = None
     try:
-        for step in range(first + 1, last + 1):
-            batch = jax.device_put(next(iterator), batch_sh)
-            position = iterator.get_state()
-            state, metrics = jit_step(state, batch)
-            state = state.replace(
-                data_epoch=jax.device_put(np.int32(position["epoch"]), replicated),
-                data_index=jax.device_put(np.int32(position["index"]), replicated),
+        if checkpoint_dir is not None:
+            checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=keep_checkpoints)
+        # A resumed workdir must be the same run: checked before any restore.
+        saved = run_config.read_config(workdir) if workdir is not None else None
+        if saved is not None:
+            run_config.check_resume(saved, requested, workdir=workdir)
+
+        # Start: the newest intact checkpoint of the run, else fresh (or
+        # init_from params).
+        state = None
+        if checkpointer is not None:
+            target = jax.tree_util.tree_map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                abstract_state,
+                state_sh,
             )
-            steps_run += 1
-            metrics = {k: float(v) for k, v in metrics.items()}
-            if metrics["skipped"]:
-                streak = int(state.nonfinite_streak)
-                if streak >= max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{streak} consecutive steps (up to step {step}) had a non-finite "
-                        "loss or gradient; each was skipped with params and optimizer "
-                        "state unchanged. Lower the learning rate, enable clipping "
-                        "(optimizer clip_norm) or check the data. The last checkpoint "
-                        "is intact."
+            _, state = checkpointer.restore_latest_intact(
+                target, check=nonfinite_reason
+            )
+        if state is not None:
+            iterator.set_state(
+                {"epoch": int(state.data_epoch), "index": int(state.data_index)}
+            )
+        else:
+            state = jit_init(init_key)
+            if init_from is not None:
+                state = state.replace(
+                    params=ckpt_lib.restore_params(init_from, state.params)
+                )
+                state = state.replace(
+                    opt_state=jax.jit(opt.tx.init, out_shardings=opt_sh)(state.params)
+                )
+            if reason := nonfinite_reason(state):
+                raise NonFiniteLossError(
+                    f"the initial train state has {reason} (model init"
+                    + (f" or init_from={str(init_from)!r}" if init_from else "")
+                    + "); nothing was trained or checkpointed."
+                )
+        first = int(state.step)
+        if workdir is not None and saved is None and primary:
+            run_config.write_config(workdir, requested)
+        writer = MetricsWriter(workdir) if workdir is not None else None
+
+        def evaluate(state: TrainState) -> dict[str, float]:
+            return workload.evaluate(
+                state.params, state.model_state, eval_source, eval_batch_size
+            )
+
+        last = num_steps if stop_after is None else min(num_steps, stop_after)
+        if first >= last:
+            return _nothing_to_do(state, first, num_steps, stop_after, workdir, opt)
+        bar = ProgressBar(progress, first, num_steps)
+        recent: list[float] = []
+        eval_metrics: dict[str, float] = {}
+        t0, steps_run = time.time(), 0
+        saved_step = first
+        try:
+            for step in range(first + 1, last + 1):
+                batch = jax.device_put(next(iterator), batch_sh)
+                position = iterator.get_state()
+                state, metrics = jit_step(state, batch)
+                state = state.replace(
+                    data_epoch=jax.device_put(np.int32(position["epoch"]), replicated),
+                    data_index=jax.device_put(np.int32(position["index"]), replicated),
+                )
+                steps_run += 1
+                metrics = {k: float(v) for k, v in metrics.items()}
+                if metrics["skipped"]:
+                    streak = int(state.nonfinite_streak)
+                    if streak >= max_nonfinite_steps:
+                        raise NonFiniteLossError(
+                            _nonfinite_stop_message(streak, step, checkpointer)
+                        )
+                else:
+                    recent = (recent + [metrics["loss"]])[-10:]
+                metrics["nonfinite_total"] = float(state.nonfinite_total)
+                if writer and (step % log_every == 0 or step == last):
+                    writer.write(step, metrics, split="train")
+                if eval_source is not None and (
+                    (eval_every and step % eval_every == 0) or step == num_steps
+                ):
+                    eval_metrics = evaluate(state)
+                    if writer:
+                        writer.write(step, eval_metrics, split="eval")
+                signum = _stop_requested(stop)
+                if checkpointer and (
+                    (checkpoint_every and step % checkpoint_every == 0)
+                    or step == last
+                    or signum
+                ):
+                    _save_finite(checkpointer, step, state, nonfinite_reason)
+                    saved_step = step
+                rate = steps_run / max(time.time() - t0, 1e-9)
+                bar.update(loss=float(metrics["loss"]), steps_s=f"{rate:.1f}")
+                if signum and step < last:
+                    if checkpointer:
+                        checkpointer.wait()  # on disk before we say so
+                    raise _interrupted(
+                        signum, step, saved_step if checkpointer else None
                     )
-            else:
-                recent = (recent + [metrics["loss"]])[-10:]
-            metrics["nonfinite_total"] = float(state.nonfinite_total)
-            if writer and (step % log_every == 0 or step == last):
-                writer.write(step, metrics, split="train")
-            if eval_source is not None and (
-                (eval_every and step % eval_every == 0) or step == num_steps
-            ):
-                eval_metrics = evaluate(state)
-                if writer:
-                    writer.write(step, eval_metrics, split="eval")
-            if checkpointer and (
-                (checkpoint_every and step % checkpoint_every == 0) or step == last
-            ):
-                checkpointer.save(step, state)
-            rate = steps_run / max(time.time() - t0, 1e-9)
-            bar.update(loss=float(metrics["loss"]), steps_s=f"{rate:.1f}")
+        finally:
+            bar.close()
     finally:
-        bar.close()
-        if checkpointer:
+        if checkpointer is not None:
             checkpointer.close()
-        if writer:
+        if writer is not None:
             writer.close()
     rate = steps_run / max(time.time() - t0, 1e-9)
     final_loss = float(np.mean(recent)) if recent else float("nan")
@@ -430,4 +514,138 @@ def train(
     print(summary, flush=True)
     return TrainResult(
         state, final_loss, eval_metrics, rate, str(workdir) if workdir else None
+    )
+
+
+def _leaf_name(path) -> str:
+    return jax.tree_util.keystr(path).lstrip(".")
+
+
+def _inexact_leaves(tree: Any) -> list[tuple[str, jax.Array]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [
+        (_leaf_name(path), x)
+        for path, x in flat
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    ]
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """bool[]: every float leaf of `tree` is finite (one fused reduction)."""
+    leaves = [x for _, x in _inexact_leaves(tree)]
+    if not leaves:
+        return jnp.bool_(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _committed(state: TrainState) -> dict[str, Any]:
+    """The parts of the state that must stay finite."""
+    return {
+        "params": state.params,
+        "model_state": state.model_state,
+        "opt_state": state.opt_state,
+    }
+
+
+def _finite_flags(state: TrainState) -> jax.Array:
+    """bool[n]: each float array of `_committed(state)` is finite."""
+    leaves = [x for _, x in _inexact_leaves(_committed(state))]
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)])
+
+
+def _save_finite(checkpointer, step: int, state: TrainState, nonfinite_reason) -> None:
+    """Saves `state` unless it holds non-finite values (then raises)."""
+    if reason := nonfinite_reason(state):
+        raise NonFiniteLossError(
+            f"the train state at step {step} has {reason}; it was not "
+            "checkpointed. " + _last_checkpoint_sentence(checkpointer)
+        )
+    checkpointer.save(step, state)
+
+
+def _last_checkpoint_sentence(checkpointer) -> str:
+    if checkpointer is None:
+        return "This run writes no checkpoints (no workdir)."
+    checkpointer.wait()
+    step = checkpointer.latest_step()
+    if step is None:
+        return "No checkpoint has been written yet."
+    return (
+        f"The last checkpoint, step {step}, holds finite params and optimizer "
+        "state (checked before it was written)."
+    )
+
+
+def _nonfinite_stop_message(streak: int, step: int, checkpointer) -> str:
+    return (
+        f"{streak} consecutive steps (up to step {step}) had a non-finite loss, "
+        "gradient, update or optimizer state; each was skipped with params, model "
+        "state and optimizer state unchanged. Lower the learning rate, enable "
+        "clipping (optimizer clip_norm) or check the data. "
+        + _last_checkpoint_sentence(checkpointer)
+        + " Resuming repeats the same steps unless the data or settings change."
+    )
+
+
+def _stop_requested(stop: StopOnSignal) -> int | None:
+    """The signal that asked to stop, agreed by all processes (the stop of one
+    host stops all at the same step)."""
+    signum = stop.requested
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        seen = multihost_utils.process_allgather(np.int32(signum or 0))
+        signum = int(np.max(seen)) or None
+    return signum
+
+
+def _interrupted(
+    signum: int, step: int, checkpoint_step: int | None
+) -> TrainingInterrupted:
+    name = signal.Signals(signum).name
+    saved = (
+        f"checkpoint step {checkpoint_step} is on disk; run the same command to "
+        "resume from it"
+        if checkpoint_step is not None
+        else "this run writes no checkpoints"
+    )
+    return TrainingInterrupted(
+        f"stopped by {name} after step {step}: {saved}.",
+        signum=signum,
+        step=step,
+        checkpoint_step=checkpoint_step,
+    )
+
+
+def _nothing_to_do(state, first, num_steps, stop_after, workdir, opt) -> TrainResult:
+    """The workdir's run is already at its last (or `stop_after`) step."""
+    final_loss, eval_metrics = float("nan"), {}
+    if workdir is not None and (workdir / METRICS_FILE).exists():
+        rows = read_metrics(workdir)
+        losses = [
+            r["loss"]
+            for r in rows
+            if r["split"] == "train" and r.get("loss") is not None
+        ]
+        final_loss = float(np.mean(losses[-10:])) if losses else final_loss
+        evals = [r for r in rows if r["split"] == "eval" and r["step"] == first]
+        if evals:
+            eval_metrics = {
+                k: v for k, v in evals[-1].items()
+                if k not in ("step", "split", "time") and isinstance(v, (int, float))
+            }  # fmt: skip
+    if first >= num_steps:
+        print(
+            f"{opt.name}: the run in {workdir} is complete (step {first} of "
+            f"{num_steps}); nothing to train. Use a new --workdir to train again.",
+            flush=True,
+        )
+    else:
+        print(
+            f"{opt.name}: {workdir} is already at step {first} (stop_after="
+            f"{stop_after}); nothing to train.",
+            flush=True,
+        )
+    return TrainResult(
+        state, final_loss, eval_metrics, 0.0, str(workdir) if workdir else None
     )
