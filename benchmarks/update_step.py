@@ -65,7 +65,13 @@ def tree_shapes(name: str) -> dict[str, tuple[int, ...]]:
         return shapes
     if name != "transformer":
         raise ValueError(f"unknown tree {name!r}; choose from {TREES}")
-    vocab, max_len, d, heads, head_dim, layers = 8192, 512, 320, 5, 64, 12
+    return transformer_shapes()
+
+
+def transformer_shapes(layers: int = 12) -> dict[str, tuple[int, ...]]:
+    """The `transformer` tree with `layers` blocks (12: 196 tensors, 17.6M params;
+    16 tensors per block, 4 outside the blocks)."""
+    vocab, max_len, d, heads, head_dim = 8192, 512, 320, 5, 64
     shapes = {"embed/tokens": (vocab, d), "embed/positions": (max_len, d)}
     for i in range(layers):
         p = f"block{i:02d}"

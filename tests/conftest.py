@@ -3,6 +3,9 @@
 import os
 
 # Must be set before jax is imported anywhere (sharding tests use a 2x4 mesh).
+# CPU only: with libtpu installed (the tpu-aot extra) jax would otherwise try
+# the TPU backend and take libtpu's machine-wide lockfile in every test process.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()

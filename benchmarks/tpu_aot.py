@@ -1,0 +1,754 @@
+"""Ahead-of-time TPU compile of VeLO vs optax.adamw: per-chip cost, memory, collectives.
+
+No TPU is needed: libtpu (`pip install "jax[tpu]==<installed jax version>"`, see
+BENCHMARKS.md) compiles for a TPU topology on this host, as MaxText's
+`train_compile.py` does. For each parameter tree and optimizer this lowers
+
+    step(params, state, grads, loss) -> (optax.apply_updates(params, updates), state)
+
+with params and state donated, from sharded `jax.ShapeDtypeStruct`s (params,
+grads, `jax.eval_shape(tx.init, params)`, a scalar loss) on an FSDP x TP mesh
+of the topology's devices, axes ('fsdp', 'tensor'). Params are sharded as a
+T5X/MaxText user would: the embed dim on 'fsdp', mlp / heads / joined_kv /
+vocab on 'tensor' (an axis that does not divide evenly is replicated, as
+`velo_scale.mesh_param_specs(..., replicate_indivisible=True)` does); the
+optimizer state takes `velo_scale.state_shardings` (AdamW's moments follow the
+params). VeLO has the official architecture (LSTM 512, 256-MLP bank) with
+random weights from `velo_scale.init_weights` (the values do not change the
+compile figures).
+
+Per chip (one device's SPMD program) it prints:
+
+* bytes accessed / param and flops / param: `compiled.cost_analysis()`, divided
+  by the number of parameter elements one chip holds (its shards);
+* temp B/param: `compiled.memory_analysis().temp_size_in_bytes`, same divisor;
+* lower s and compile s: wall time of `.lower()` and of `.compile()`, VeLO and
+  AdamW in the same process, one after the other;
+* the largest collective of the compiled HLO (all-reduce, all-gather,
+  reduce-scatter, all-to-all, collective-permute; element count of its
+  largest buffer) and how many of each kind;
+* the number of fusions (XLA kernels) and the passes they make over the
+  parameters (element-weighted, see `analyse_hlo`), of which reductions:
+  where the bytes go.
+
+Pallas (Mosaic) custom calls: `cost_analysis()` counts 0 bytes for them; their
+operand and result bytes are read from the HLO and added to "bytes accessed"
+(the output says so when any are present).
+
+Trees (`--trees`, comma separated):
+  10m             10 x [1024, 1024] + 10 biases (20 tensors, 10.5M params)
+  transformer     update_step.py's transformer-like tree (196 tensors, 17.6M)
+  transformer_L<n> the same with n blocks (16 tensors per block)
+  depth           transformer_L6, transformer (12), transformer_L24, transformer_L48
+  t5_base         T5 v1.1 base-like, unscanned: 12 encoder + 12 decoder blocks,
+                  d_model 768, gated d_ff 2048, 12 heads x 64, vocab 32128,
+                  untied logits (282 tensors, 247.6M params)
+  t5_base_scanned the same with each stack's layers stacked on a leading
+                  'layers' axis (replicated), as flax nn.scan / MaxText do
+                  (29 tensors)
+
+Usage:
+  python benchmarks/tpu_aot.py [--topology v5e:2x2] [--mesh 2x2]
+      [--trees 10m,transformer,depth] [--optimizers velo,adamw]
+      [--json out.json] [--fit] [--from-json a.json[,b.json]]
+
+`--fit` least-squares fits the VeLO paper's App. B.7 cost model
+`cost = c0 + c_tensor * n_tensors + c_param * n_params` (per chip) to bytes
+accessed, flops and compile seconds, for each optimizer, over the trees
+measured (or read with `--from-json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from update_step import SQUARE_TREES, transformer_shapes, tree_shapes  # noqa: E402
+
+# libtpu's accelerator type per TPU generation (only quiets its start-up logs).
+_ACCELERATOR_TYPES = {"v4": "v4-8", "v5e": "v5litepod-4", "v5p": "v5p-8", "v6e": "v6e-4"}
+
+# Logical axis -> mesh axis, the usual T5X/MaxText 2-D (FSDP x TP) rules.
+LOGICAL_RULES = {
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "joined_kv": "tensor",
+    "vocab": "tensor",
+    "kv": None,
+    "length": None,
+    "layers": None,
+    "relpos_buckets": None,
+}
+
+COLLECTIVES = (
+    "all-reduce",
+    "all-gather",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+)
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+    "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+}  # fmt: skip
+_SHAPE_RE = re.compile(r"\b(pred|[suf]\d+|bf16|c64)\[([0-9,]*)\]")
+
+Tree = dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]
+
+
+# --------------------------------------------------------------------------
+# Parameter trees: name -> (shape, logical axes)
+
+
+def _transformer_axes(name: str, shape: tuple[int, ...]) -> tuple[str | None, ...]:
+    """Logical axes of update_step.py's transformer tree, by parameter name."""
+    if name == "embed/tokens":
+        return ("vocab", "embed")
+    if name == "embed/positions":
+        return ("length", "embed")
+    leaf = name.split("/")
+    if "attn" in leaf:
+        proj, kind = leaf[-2], leaf[-1]
+        if proj == "out":
+            return ("heads", "kv", "embed") if kind == "kernel" else ("embed",)
+        return ("embed", "heads", "kv") if kind == "kernel" else ("heads", "kv")
+    if "mlp" in leaf:
+        proj, kind = leaf[-2], leaf[-1]
+        if proj == "wi":
+            return ("embed", "mlp") if kind == "kernel" else ("mlp",)
+        return ("mlp", "embed") if kind == "kernel" else ("embed",)
+    if len(shape) == 1:  # layer norms
+        return ("embed",)
+    raise ValueError(f"no logical axes for {name} {shape}")
+
+
+def _square_tree(name: str) -> Tree:
+    return {
+        n: (s, ("embed", "mlp") if len(s) == 2 else ("mlp",))
+        for n, s in tree_shapes(name).items()
+    }
+
+
+def _transformer_tree(layers: int) -> Tree:
+    return {n: (s, _transformer_axes(n, s)) for n, s in transformer_shapes(layers).items()}
+
+
+def _t5_tree(scanned: bool, layers: int = 12) -> Tree:
+    """T5 v1.1 base-like tree in T5X's minimal layout (no biases, 2-D attention
+    kernels [embed, joined_kv], gated MLP wi_0/wi_1/wo, RMS-norm scales, one
+    relative-position bias per stack, untied logits)."""
+    d, d_ff, heads, head_dim, vocab, buckets = 768, 2048, 12, 64, 32128, 32
+    kv = heads * head_dim
+
+    def attention(prefix: str) -> Tree:
+        out = {
+            f"{prefix}/{p}/kernel": ((d, kv), ("embed", "joined_kv"))
+            for p in ("query", "key", "value")
+        }
+        out[f"{prefix}/out/kernel"] = ((kv, d), ("joined_kv", "embed"))
+        return out
+
+    def block(decoder: bool) -> Tree:
+        out: Tree = {}
+        if decoder:
+            out["pre_self_attention_layer_norm/scale"] = ((d,), ("embed",))
+            out |= attention("self_attention")
+            out["pre_cross_attention_layer_norm/scale"] = ((d,), ("embed",))
+            out |= attention("encoder_decoder_attention")
+        else:
+            out["pre_attention_layer_norm/scale"] = ((d,), ("embed",))
+            out |= attention("attention")
+        out["pre_mlp_layer_norm/scale"] = ((d,), ("embed",))
+        out["mlp/wi_0/kernel"] = ((d, d_ff), ("embed", "mlp"))
+        out["mlp/wi_1/kernel"] = ((d, d_ff), ("embed", "mlp"))
+        out["mlp/wo/kernel"] = ((d_ff, d), ("mlp", "embed"))
+        return out
+
+    tree: Tree = {"token_embedder/embedding": ((vocab, d), ("vocab", "embed"))}
+    for stack, decoder in (("encoder", False), ("decoder", True)):
+        tree[f"{stack}/relpos_bias/rel_embedding"] = (
+            (heads, buckets),
+            ("heads", "relpos_buckets"),
+        )
+        if scanned:
+            for n, (s, a) in block(decoder).items():
+                tree[f"{stack}/layers/{n}"] = ((layers, *s), ("layers", *a))
+        else:
+            for i in range(layers):
+                for n, sa in block(decoder).items():
+                    tree[f"{stack}/layers_{i}/{n}"] = sa
+        norm = "encoder_norm" if stack == "encoder" else "decoder_norm"
+        tree[f"{stack}/{norm}/scale"] = ((d,), ("embed",))
+    tree["decoder/logits_dense/kernel"] = ((d, vocab), ("embed", "vocab"))
+    return tree
+
+
+def build_tree(name: str) -> Tree:
+    if name in SQUARE_TREES:
+        return _square_tree(name)
+    if name == "transformer":
+        return _transformer_tree(12)
+    if m := re.fullmatch(r"transformer_L(\d+)", name):
+        return _transformer_tree(int(m.group(1)))
+    if name == "t5_base":
+        return _t5_tree(scanned=False)
+    if name == "t5_base_scanned":
+        return _t5_tree(scanned=True)
+    raise ValueError(
+        f"unknown tree {name!r}; choose from {', '.join(SQUARE_TREES)}, transformer, "
+        "transformer_L<n>, depth, t5_base, t5_base_scanned"
+    )
+
+
+def expand_trees(spec: str) -> list[str]:
+    out = []
+    for name in (t.strip() for t in spec.split(",")):
+        if name == "depth":
+            out += ["transformer_L6", "transformer", "transformer_L24", "transformer_L48"]
+        elif name:
+            build_tree(name)  # validates
+            out.append(name)
+    return out
+
+
+def tree_layers(name: str) -> int | None:
+    if name == "transformer":
+        return 12
+    if m := re.fullmatch(r"transformer_L(\d+)", name):
+        return int(m.group(1))
+    return 12 if name.startswith("t5_base") else None
+
+
+# --------------------------------------------------------------------------
+# Mesh, shardings and the compiled step
+
+
+def default_mesh_shape(n: int) -> tuple[int, int]:
+    """(fsdp, tensor): tensor the largest power of two <= sqrt(n)."""
+    tp = 2 ** int(math.log2(n) // 2)
+    return n // tp, tp
+
+
+def make_mesh(topology: str, mesh_shape: tuple[int, int] | None):
+    import jax
+    from jax.experimental import mesh_utils, topologies
+    from jax.sharding import Mesh
+
+    devices = topologies.get_topology_desc(topology, "tpu").devices
+    shape = mesh_shape or default_mesh_shape(len(devices))
+    if shape[0] * shape[1] != len(devices):
+        raise ValueError(
+            f"--mesh {shape[0]}x{shape[1]} needs {shape[0] * shape[1]} devices; "
+            f"topology {topology} has {len(devices)}."
+        )
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # noqa: BLE001 - any layout the helper refuses
+        grid = np.array(devices).reshape(shape)
+    del jax
+    return Mesh(grid, ("fsdp", "tensor"))
+
+
+def _param_specs(tree: Tree, mesh):
+    import jax
+    import velo_scale
+    from jax.sharding import PartitionSpec as P
+
+    shapes = {n: jax.ShapeDtypeStruct(s, np.float32) for n, (s, _) in tree.items()}
+    wanted = {n: P(*(LOGICAL_RULES[a] if a else None for a in ax)) for n, (_, ax) in tree.items()}
+    return shapes, velo_scale.mesh_param_specs(shapes, wanted, mesh, True)
+
+
+def make_optimizer(name: str):
+    import optax
+
+    if name == "adamw":
+        return optax.adamw(1e-3)
+    import jax
+    import velo_scale
+
+    theta = velo_scale.init_weights(jax.random.PRNGKey(0), velo_scale.Architecture())
+    return velo_scale.velo(num_steps=10_000, weights=theta)
+
+
+def compile_step(opt_name: str, tree: Tree, mesh) -> dict[str, Any]:
+    import jax
+    import optax
+    import velo_scale
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    shapes, specs = _param_specs(tree, mesh)
+    tx = make_optimizer(opt_name)
+    param_sh = {n: NamedSharding(mesh, specs[n]) for n in shapes}
+    state_sh = velo_scale.state_shardings(tx, shapes, mesh, specs)
+    state = jax.eval_shape(tx.init, shapes)
+
+    def sds(x, sharding):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    params = {n: sds(shapes[n], param_sh[n]) for n in shapes}
+    grads = dict(params)
+    state = jax.tree_util.tree_map(sds, state, state_sh)
+    loss = jax.ShapeDtypeStruct((), np.float32, sharding=NamedSharding(mesh, P()))
+
+    def step(params, state, grads, loss):
+        if opt_name == "velo":
+            updates, state = tx.update(grads, state, params, loss=loss)
+        else:
+            updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    jitted = jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_sh, state_sh))
+    start = time.perf_counter()
+    lowered = jitted.lower(params, state, grads, loss)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0] if cost else {}
+    cost = dict(cost or {})
+    memory = compiled.memory_analysis()
+    hlo = compiled.as_text()
+
+    local = 0  # parameter elements held by one chip
+    for n, s in shapes.items():
+        local += int(np.prod(param_sh[n].shard_shape(s.shape)))
+    n_params = sum(int(np.prod(s.shape)) for s in shapes.values())
+    analysis = analyse_hlo(hlo, local)
+    bytes_accessed = float(cost.get("bytes accessed", float("nan")))
+    bytes_accessed += analysis["pallas_bytes"]
+    return {
+        "optimizer": opt_name,
+        "host_load": os.getloadavg()[0],  # 1-min load average after compiling
+        "params": n_params,
+        "tensors": len(shapes),
+        "local_params": local,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "bytes_accessed": bytes_accessed,
+        "flops": float(cost.get("flops", float("nan"))),
+        "transcendentals": float(cost.get("transcendentals", float("nan"))),
+        "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
+        "argument_bytes": None if memory is None else int(memory.argument_size_in_bytes),
+        "output_bytes": None if memory is None else int(memory.output_size_in_bytes),
+        "alias_bytes": None if memory is None else int(memory.alias_size_in_bytes),
+        **analysis,
+    }
+
+
+# --------------------------------------------------------------------------
+# Reading the compiled HLO
+
+
+def _shape_elems(text: str) -> list[tuple[int, int]]:
+    """(elements, bytes) of every array shape in an HLO type string."""
+    out = []
+    for dtype, dims in _SHAPE_RE.findall(text):
+        n = int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+        out.append((n, n * _DTYPE_BYTES.get(dtype, 4)))
+    return out
+
+
+def _balanced(text: str) -> int:
+    """Index just past the bracket group that opens text[0]."""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += ch in "({["
+        depth -= ch in ")}]"
+        if depth == 0:
+            return i + 1
+    return len(text)
+
+
+def _parse_instruction(line: str) -> tuple[str, str, str, list[str], str] | None:
+    """(name, result type, opcode, operand names, attributes) of an HLO line."""
+    m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*", line)
+    if not m:
+        return None
+    rest = line[m.end() :]
+    if rest.startswith("("):  # tuple result type
+        end = _balanced(rest)
+        rtype, rest = rest[:end], rest[end:].lstrip()
+    else:
+        rtype, _, rest = rest.partition(" ")
+    op = re.match(r"([\w\-]+)\(", rest)
+    if not op:
+        return None
+    args_end = op.end() - 1 + _balanced(rest[op.end() - 1 :])
+    args = rest[op.end() : args_end - 1]
+    names = re.findall(r"%([\w.\-]+)", args)
+    return m.group(1), rtype, op.group(1), names, rest[args_end:]
+
+
+def analyse_hlo(hlo: str, local_params: int) -> dict[str, Any]:
+    """Collectives, fusions, passes over the parameters and Pallas calls.
+
+    Passes are element-weighted: each fusion (an XLA kernel) counts the
+    elements of the largest array it reads or writes, and the sum is divided
+    by `local_params` (the parameter elements on one chip); so one elementwise
+    kernel per parameter tensor is 1.0 pass, whether tensors are separate or
+    stacked. Reduction passes count, the same way, the largest operand of the
+    reduces inside each fusion.
+    """
+    instructions = []  # (computation, name, rtype, opcode, operands, attrs)
+    computation = None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+) .*\{\s*$", line)
+        if head and " = " not in line.split("{")[0]:
+            computation = head.group(1)
+            continue
+        parsed = _parse_instruction(line)
+        if parsed is not None:
+            instructions.append((computation, *parsed))
+    types = {name: rtype for _, name, rtype, *_ in instructions}
+
+    def elems(rtype: str) -> list[int]:
+        return [n for n, _ in _shape_elems(rtype)]
+
+    def nbytes(rtype: str) -> int:
+        return sum(b for _, b in _shape_elems(rtype))
+
+    collectives: dict[str, list[int]] = {k: [] for k in COLLECTIVES}
+    fusion_kinds: dict[str, int] = {}
+    reduce_elems: dict[str, int] = {}  # fused computation -> largest reduce input
+    fusion_calls: list[tuple[str, int]] = []  # (called computation, largest array)
+    pallas_calls = pallas_bytes = whiles = 0
+    for comp, _, rtype, opcode, operands, attrs in instructions:
+        base = opcode.removesuffix("-start")
+        if base in COLLECTIVES:
+            sizes = elems(rtype)
+            if opcode.endswith("-start") and base != "all-reduce" and len(sizes) > 1:
+                sizes = sizes[len(sizes) // 2 :]  # (operands..., results...)
+            collectives[base].append(max(sizes or [0]))
+        elif opcode == "reduce" and comp is not None and operands:
+            n = max(elems(types.get(operands[0], "")) or [0])
+            reduce_elems[comp] = max(reduce_elems.get(comp, 0), n)
+        elif opcode == "fusion":
+            kind = re.search(r"kind=(k\w+)", attrs)
+            key = kind.group(1) if kind else "?"
+            fusion_kinds[key] = fusion_kinds.get(key, 0) + 1
+            calls = re.search(r"calls=%?([\w.\-]+)", attrs)
+            sizes = elems(rtype) + [n for o in operands for n in elems(types.get(o, ""))]
+            fusion_calls.append((calls.group(1) if calls else "", max(sizes or [0])))
+        elif opcode == "while":
+            whiles += 1
+        elif opcode == "custom-call" and "tpu_custom_call" in attrs:
+            pallas_calls += 1
+            pallas_bytes += nbytes(rtype) + sum(nbytes(types.get(o, "")) for o in operands)
+    passes = sum(n for _, n in fusion_calls) / max(local_params, 1)
+    reductions = sum(reduce_elems.get(c, 0) for c, _ in fusion_calls) / max(local_params, 1)
+    largest = max(
+        ((k, n) for k, sizes in collectives.items() for n in sizes),
+        key=lambda kn: kn[1],
+        default=(None, 0),
+    )
+    return {
+        "collectives": {k: len(v) for k, v in collectives.items()},
+        "collective_sizes": {k: sorted(v, reverse=True)[:8] for k, v in collectives.items()},
+        "largest_collective": {"kind": largest[0], "elements": largest[1]},
+        "fusions": len(fusion_calls),
+        "fusion_kinds": fusion_kinds,
+        "param_passes": passes,
+        "reduction_passes": reductions,
+        "while_loops": whiles,
+        "pallas_calls": pallas_calls,
+        "pallas_bytes": pallas_bytes,
+    }
+
+
+# --------------------------------------------------------------------------
+# Output
+
+
+def versions() -> dict[str, str]:
+    import jax
+
+    out = {"jax": jax.__version__, "python": platform.python_version()}
+    try:
+        from importlib.metadata import version
+
+        out["libtpu"] = version("libtpu")
+    except Exception:  # noqa: BLE001
+        out["libtpu"] = "?"
+    try:
+        import optax
+
+        out["optax"] = optax.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    import velo_scale
+
+    root = Path(velo_scale.__file__).resolve().parent.parent
+    try:
+        out["velo_scale_commit"] = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "velo_scale"],
+            capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        if dirty:
+            out["velo_scale_commit"] += "+dirty"
+    except Exception:  # noqa: BLE001
+        out["velo_scale_commit"] = f"(not a git checkout: {root})"
+    return out
+
+
+def _per(x: float | None, n: int) -> float | None:
+    return None if x is None or n == 0 else x / n
+
+
+def _f(x: float | None, spec: str = ".1f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+        return "n/a"
+    return f"{a / b:.1f}x"
+
+
+def _collective(r: dict) -> str:
+    c = r["largest_collective"]
+    if not c["kind"]:
+        return "none"
+    return f"{c['kind']} {c['elements']:,} ({r['collectives'][c['kind']]} ops)"
+
+
+def markdown_tables(rows: list[dict[str, dict]]) -> str:
+    lines = [
+        "| tree | params | tensors | bytes acc./param VeLO vs AdamW | flops/param "
+        "VeLO vs AdamW | temp B/param VeLO / AdamW | compile s VeLO vs AdamW "
+        "(lower s) | largest collective VeLO / AdamW |",
+        "|" + "---|" * 8,
+    ]
+    for row in rows:
+        v, a = row.get("velo"), row.get("adamw")
+        any_ = v or a
+        n = any_["local_params"]
+
+        def pp(r, key):
+            return None if r is None else _per(r[key], n)
+
+        def cell(key, spec=".1f"):
+            vv, aa = pp(v, key), pp(a, key)
+            return f"{_f(vv, spec)} vs {_f(aa, spec)} = {_ratio(vv, aa)}"
+
+        compile_cell = (
+            f"{_f(v and v['compile_s'])} vs {_f(a and a['compile_s'])} = "
+            f"{_ratio(v and v['compile_s'], a and a['compile_s'])} "
+            f"({_f(v and v['lower_s'])} / {_f(a and a['lower_s'])})"
+        )
+        lines.append(
+            f"| {any_['tree']} | {any_['params']:,} | {any_['tensors']} "
+            f"| {cell('bytes_accessed')} | {cell('flops')} "
+            f"| {_f(pp(v, 'temp_bytes'))} / {_f(pp(a, 'temp_bytes'))} "
+            f"| {compile_cell} "
+            f"| {_collective(v) if v else 'n/a'} / {_collective(a) if a else 'n/a'} |"
+        )
+    lines += [
+        "",
+        "| tree | optimizer | fusions (kinds) | passes over the params "
+        "(of which reductions) | while loops "
+        "| all-reduces (largest 8, elements) | all-gather / reduce-scatter / "
+        "all-to-all / permute | Pallas calls |",
+        "|" + "---|" * 8,
+    ]
+    for row in rows:
+        for opt in ("velo", "adamw"):
+            r = row.get(opt)
+            if r is None:
+                continue
+            kinds = ", ".join(f"{k} {n}" for k, n in sorted(r["fusion_kinds"].items()))
+            others = " / ".join(
+                str(r["collectives"][k]) for k in COLLECTIVES if k != "all-reduce"
+            )
+            lines.append(
+                f"| {r['tree']} | {opt} | {r['fusions']} ({kinds}) "
+                f"| {r['param_passes']:.1f} ({r['reduction_passes']:.1f}) "
+                f"| {r['while_loops']} "
+                f"| {r['collectives']['all-reduce']} "
+                f"({', '.join(map(str, r['collective_sizes']['all-reduce']))}) "
+                f"| {others} | {r['pallas_calls']} |"
+            )
+    return "\n".join(lines)
+
+
+def depth_table(rows: list[dict[str, dict]]) -> str | None:
+    sweep = [r for r in rows if tree_layers((r.get("velo") or r["adamw"])["tree"])
+             and (r.get("velo") or r["adamw"])["tree"].startswith("transformer")]  # fmt: skip
+    if len(sweep) < 2:
+        return None
+    sweep.sort(key=lambda r: tree_layers((r.get("velo") or r["adamw"])["tree"]))
+    lines = [
+        "| blocks | tensors | params | VeLO compile s | AdamW compile s | ratio "
+        "| VeLO lower s | VeLO bytes acc./param | VeLO temp B/param |",
+        "|" + "---|" * 9,
+    ]
+    for row in sweep:
+        v, a = row.get("velo"), row.get("adamw")
+        r = v or a
+        n = r["local_params"]
+        lines.append(
+            f"| {tree_layers(r['tree'])} | {r['tensors']} | {r['params']:,} "
+            f"| {_f(v and v['compile_s'])} | {_f(a and a['compile_s'])} "
+            f"| {_ratio(v and v['compile_s'], a and a['compile_s'])} "
+            f"| {_f(v and v['lower_s'])} | {_f(v and _per(v['bytes_accessed'], n))} "
+            f"| {_f(v and _per(v['temp_bytes'], n))} |"
+        )
+    return "\n".join(lines)
+
+
+def fit_cost_model(rows: list[dict[str, dict]]) -> str:
+    """Least squares: cost = c0 + c_tensor * n_tensors + c_param * n_local_params."""
+    lines = [
+        "App. B.7 cost model, per chip: cost = c0 + c_tensor * n_tensors + "
+        "c_param * n_params (n_params: parameter elements on one chip); "
+        "least squares over the trees above.",
+        "",
+        "| optimizer | quantity | c0 | c_tensor | c_param | points | max rel. residual |",
+        "|" + "---|" * 7,
+    ]
+    for opt in ("velo", "adamw"):
+        runs = [row[opt] for row in rows if opt in row]
+        if len(runs) < 3:
+            lines.append(f"| {opt} | (needs >= 3 trees, have {len(runs)}) | | | | | |")
+            continue
+        x = np.array([[1.0, r["tensors"], r["local_params"]] for r in runs])
+        for key, unit in (
+            ("bytes_accessed", "bytes"),
+            ("flops", "flops"),
+            ("temp_bytes", "bytes"),
+            ("compile_s", "s"),
+        ):
+            y = np.array([float(r[key] or 0.0) for r in runs])
+            coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+            resid = np.abs(x @ coef - y) / np.maximum(np.abs(y), 1e-12)
+            lines.append(
+                f"| {opt} | {key} ({unit}) | {coef[0]:.4g} | {coef[1]:.4g} "
+                f"| {coef[2]:.4g} | {len(runs)} | {resid.max():.0%} |"
+            )
+    return "\n".join(lines)
+
+
+def print_report(payload: dict, fit: bool) -> None:
+    rows = payload["results"]
+    meta = payload["meta"]
+    print(
+        f"TPU AOT: topology {meta['topology']} ({meta['devices']} chips, mesh "
+        f"fsdp x tensor = {meta['mesh']}), jax {meta['versions']['jax']}, "
+        f"libtpu {meta['versions']['libtpu']}, velo_scale "
+        f"{meta['versions'].get('velo_scale_commit')}, {meta['date']}, host "
+        f"{meta['host']}. Per chip; /param = per parameter element held by one chip."
+    )
+    if any((r.get(o) or {}).get("pallas_calls") for r in rows for o in ("velo", "adamw")):
+        print(
+            "Pallas custom calls present: cost_analysis() counts 0 bytes for them; "
+            "their operand + result bytes from the HLO are added to bytes accessed."
+        )
+    print()
+    print(markdown_tables(rows))
+    depth = depth_table(rows)
+    if depth:
+        print("\nDepth sweep (transformer-like tree, unscanned):\n")
+        print(depth)
+    if fit:
+        print()
+        print(fit_cost_model(rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--topology", default="v5e:2x2")
+    parser.add_argument("--mesh", default=None, help="FSDPxTP, e.g. 2x2 (default: near-square)")
+    parser.add_argument("--trees", default="10m,transformer,depth")
+    parser.add_argument("--optimizers", default="velo,adamw")
+    parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--fit", action="store_true", help="fit the App. B.7 cost model")
+    parser.add_argument("--from-json", default=None, help="report (and fit) saved runs")
+    args = parser.parse_args(argv)
+
+    if args.from_json:
+        payloads = [json.loads(Path(p).read_text()) for p in args.from_json.split(",")]
+        payload = payloads[0]
+        seen = {}
+        for p in payloads:
+            for row in p["results"]:
+                seen[(row.get("velo") or row["adamw"])["tree"]] = row
+        payload["results"] = list(seen.values())
+        print_report(payload, args.fit)
+        return
+
+    generation = args.topology.split(":")[0]
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", _ACCELERATOR_TYPES.get(generation, "v5litepod-4"))
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # Any jax process of this venv that starts the TPU backend holds libtpu's
+    # machine-wide lockfile; compiling ahead of time does not need it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    mesh_shape = None
+    if args.mesh:
+        try:
+            mesh_shape = tuple(int(x) for x in args.mesh.lower().split("x"))
+            assert len(mesh_shape) == 2
+        except (ValueError, AssertionError):
+            parser.error(f"--mesh must look like 2x2 (fsdp x tensor); got {args.mesh!r}")
+    try:
+        trees = expand_trees(args.trees)
+    except ValueError as e:
+        parser.error(str(e))
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    for o in optimizers:
+        if o not in ("velo", "adamw"):
+            parser.error(f"--optimizers: unknown {o!r}; choose from velo, adamw")
+
+    mesh = make_mesh(args.topology, mesh_shape)
+    meta = {
+        "topology": args.topology,
+        "devices": int(mesh.devices.size),
+        "mesh": "x".join(str(s) for s in mesh.devices.shape),
+        "versions": versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"load {os.getloadavg()[0]:.1f} at start",
+    }
+    payload = {"meta": meta, "results": []}
+    for tree_name in trees:
+        tree = build_tree(tree_name)
+        row = {}
+        for opt in optimizers:
+            result = compile_step(opt, tree, mesh)
+            result["tree"] = tree_name
+            row[opt] = result
+            print(
+                f"  {tree_name} {opt}: compile {result['compile_s']:.1f} s "
+                f"(lower {result['lower_s']:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        payload["results"].append(row)
+        if args.json_path:  # partial results survive an interrupted sweep
+            Path(args.json_path).write_text(json.dumps(payload, indent=1) + "\n")
+    print_report(payload, args.fit)
+
+
+if __name__ == "__main__":
+    main()
