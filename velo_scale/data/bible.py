@@ -300,6 +300,22 @@ def _books_key(books: Sequence[str] | None) -> str:
     return hashlib.sha1(",".join(sorted(books)).encode()).hexdigest()[:10]
 
 
+def vocab_file(
+    *,
+    vocab_size: int = VOCAB_SIZE,
+    english: str = ENGLISH,
+    spanish: str = SPANISH,
+    books: Sequence[str] | None = None,
+) -> pathlib.Path:
+    """Where `bible_vocab` (same arguments) caches its `.model` file (which
+    exists only once `bible_vocab` has run)."""
+    name = (
+        f"spm-{english}-{spanish}-{_books_key(books)}-{vocab_size}"
+        f"-v{CACHE_VERSION}.model"
+    )
+    return cache_dir() / name
+
+
 def bible_vocab(
     *,
     vocab_size: int = VOCAB_SIZE,
@@ -310,11 +326,9 @@ def bible_vocab(
 ) -> SentencePieceVocab:
     """The joint English+Spanish vocabulary of `load_translation` (same
     arguments), trained on the train split's sentences and cached."""
-    name = (
-        f"spm-{english}-{spanish}-{_books_key(books)}-{vocab_size}"
-        f"-v{CACHE_VERSION}.model"
+    path = vocab_file(
+        vocab_size=vocab_size, english=english, spanish=spanish, books=books
     )
-    path = cache_dir() / name
     if path.exists():
         return SentencePieceVocab(path)
     pairs = verse_pairs(
