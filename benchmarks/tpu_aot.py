@@ -222,7 +222,7 @@ def expand_trees(spec: str) -> list[str]:
         elif name:
             build_tree(name)  # validates
             out.append(name)
-    return out
+    return list(dict.fromkeys(out))  # each tree once, in the order given
 
 
 def tree_layers(name: str) -> int | None:
@@ -317,9 +317,10 @@ def compile_step(opt_name: str, tree: Tree, mesh) -> dict[str, Any]:
     start = time.perf_counter()
     lowered = jitted.lower(params, state, grads, loss)
     lower_s = time.perf_counter() - start
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    compile_cpu_s = time.process_time() - cpu_start
 
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per program
@@ -343,6 +344,7 @@ def compile_step(opt_name: str, tree: Tree, mesh) -> dict[str, Any]:
         "local_params": local,
         "lower_s": lower_s,
         "compile_s": compile_s,
+        "compile_cpu_s": compile_cpu_s,  # all threads: less sensitive to host load
         "bytes_accessed": bytes_accessed,
         "flops": float(cost.get("flops", float("nan"))),
         "transcendentals": float(cost.get("transcendentals", float("nan"))),
@@ -538,7 +540,7 @@ def markdown_tables(rows: list[dict[str, dict]]) -> str:
     lines = [
         "| tree | params | tensors | bytes acc./param VeLO vs AdamW | flops/param "
         "VeLO vs AdamW | temp B/param VeLO / AdamW | compile s VeLO vs AdamW "
-        "(lower s) | largest collective VeLO / AdamW |",
+        "(CPU s) | largest collective VeLO / AdamW |",
         "|" + "---|" * 8,
     ]
     for row in rows:
@@ -556,7 +558,8 @@ def markdown_tables(rows: list[dict[str, dict]]) -> str:
         compile_cell = (
             f"{_f(v and v['compile_s'])} vs {_f(a and a['compile_s'])} = "
             f"{_ratio(v and v['compile_s'], a and a['compile_s'])} "
-            f"({_f(v and v['lower_s'])} / {_f(a and a['lower_s'])})"
+            f"({_f(v and v.get('compile_cpu_s'))} vs {_f(a and a.get('compile_cpu_s'))}"
+            f" = {_ratio(v and v.get('compile_cpu_s'), a and a.get('compile_cpu_s'))})"
         )
         lines.append(
             f"| {any_['tree']} | {any_['params']:,} | {any_['tensors']} "
@@ -567,11 +570,11 @@ def markdown_tables(rows: list[dict[str, dict]]) -> str:
         )
     lines += [
         "",
-        "| tree | optimizer | fusions (kinds) | passes over the params "
+        "| tree | optimizer | lower s | fusions (kinds) | passes over the params "
         "(of which reductions) | while loops "
         "| all-reduces (largest 8, elements) | all-gather / reduce-scatter / "
         "all-to-all / permute | Pallas calls |",
-        "|" + "---|" * 8,
+        "|" + "---|" * 9,
     ]
     for row in rows:
         for opt in ("velo", "adamw"):
@@ -583,7 +586,7 @@ def markdown_tables(rows: list[dict[str, dict]]) -> str:
                 str(r["collectives"][k]) for k in COLLECTIVES if k != "all-reduce"
             )
             lines.append(
-                f"| {r['tree']} | {opt} | {r['fusions']} ({kinds}) "
+                f"| {r['tree']} | {opt} | {r['lower_s']:.1f} | {r['fusions']} ({kinds}) "
                 f"| {r['param_passes']:.1f} ({r['reduction_passes']:.1f}) "
                 f"| {r['while_loops']} "
                 f"| {r['collectives']['all-reduce']} "
@@ -600,9 +603,10 @@ def depth_table(rows: list[dict[str, dict]]) -> str | None:
         return None
     sweep.sort(key=lambda r: tree_layers((r.get("velo") or r["adamw"])["tree"]))
     lines = [
-        "| blocks | tensors | params | VeLO compile s | AdamW compile s | ratio "
-        "| VeLO lower s | VeLO bytes acc./param | VeLO temp B/param |",
-        "|" + "---|" * 9,
+        "| blocks | tensors | params | VeLO compile s (CPU s) | AdamW compile s "
+        "(CPU s) | ratio (CPU) | VeLO lower s | VeLO bytes acc./param "
+        "| VeLO temp B/param | host load |",
+        "|" + "---|" * 10,
     ]
     for row in sweep:
         v, a = row.get("velo"), row.get("adamw")
@@ -610,10 +614,12 @@ def depth_table(rows: list[dict[str, dict]]) -> str | None:
         n = r["local_params"]
         lines.append(
             f"| {tree_layers(r['tree'])} | {r['tensors']} | {r['params']:,} "
-            f"| {_f(v and v['compile_s'])} | {_f(a and a['compile_s'])} "
+            f"| {_f(v and v['compile_s'])} ({_f(v and v.get('compile_cpu_s'))}) "
+            f"| {_f(a and a['compile_s'])} ({_f(a and a.get('compile_cpu_s'))}) "
             f"| {_ratio(v and v['compile_s'], a and a['compile_s'])} "
+            f"({_ratio(v and v.get('compile_cpu_s'), a and a.get('compile_cpu_s'))}) "
             f"| {_f(v and v['lower_s'])} | {_f(v and _per(v['bytes_accessed'], n))} "
-            f"| {_f(v and _per(v['temp_bytes'], n))} |"
+            f"| {_f(v and _per(v['temp_bytes'], n))} | {_f(r.get('host_load'))} |"
         )
     return "\n".join(lines)
 
@@ -639,14 +645,60 @@ def fit_cost_model(rows: list[dict[str, dict]]) -> str:
             ("flops", "flops"),
             ("temp_bytes", "bytes"),
             ("compile_s", "s"),
+            ("compile_cpu_s", "CPU s"),
         ):
-            y = np.array([float(r[key] or 0.0) for r in runs])
+            if any(r.get(key) is None for r in runs):
+                continue
+            y = np.array([float(r[key]) for r in runs])
             coef, *_ = np.linalg.lstsq(x, y, rcond=None)
             resid = np.abs(x @ coef - y) / np.maximum(np.abs(y), 1e-12)
             lines.append(
                 f"| {opt} | {key} ({unit}) | {coef[0]:.4g} | {coef[1]:.4g} "
                 f"| {coef[2]:.4g} | {len(runs)} | {resid.max():.0%} |"
             )
+    return "\n".join(lines)
+
+
+def targets_table(rows: list[dict[str, dict]]) -> str | None:
+    """Issue 13's TPU targets, for the trees measured with both optimizers."""
+    both = {r["velo"]["tree"]: r for r in rows if "velo" in r and "adamw" in r}
+    if not both:
+        return None
+    lines = ["| target | tree | measured | status |", "|---|---|---|---|"]
+
+    def add(target, tree, value, limit, unit="x"):
+        ok = value <= limit
+        lines.append(
+            f"| {target} | {tree} | {value:.1f}{unit} | {'met' if ok else '**missed**'} |"
+        )
+
+    for tree in ("10m", "transformer"):
+        if tree not in both:
+            continue
+        v, a = both[tree]["velo"], both[tree]["adamw"]
+        add("bytes accessed <= 2.5x AdamW", tree, v["bytes_accessed"] / a["bytes_accessed"], 2.5)
+        add("temp <= 4 B/param", tree, v["temp_bytes"] / v["local_params"], 4.0, " B/param")
+    for tree, row in both.items():
+        v, a = row["velo"], row["adamw"]
+        if tree in ("10m", "transformer") or tree.startswith("transformer_L"):
+            add("compile <= 5x AdamW (wall)", tree, v["compile_s"] / a["compile_s"], 5.0)
+            if v.get("compile_cpu_s") and a.get("compile_cpu_s"):
+                add(
+                    "compile <= 5x AdamW (CPU s)",
+                    tree,
+                    v["compile_cpu_s"] / a["compile_cpu_s"],
+                    5.0,
+                )
+    sweep = sorted(
+        (tree_layers(t), r["velo"]) for t, r in both.items() if t.startswith("transformer")
+    )
+    if len(sweep) >= 2 and sweep[0][1].get("compile_cpu_s"):
+        (d0, v0), (d1, v1) = sweep[0], sweep[-1]
+        lines.append(
+            f"| compile flat in depth | {d0} -> {d1} blocks | VeLO CPU s x"
+            f"{v1['compile_cpu_s'] / v0['compile_cpu_s']:.1f} for x{d1 / d0:.0f} "
+            "depth | see the sweep |"
+        )
     return "\n".join(lines)
 
 
@@ -671,6 +723,10 @@ def print_report(payload: dict, fit: bool) -> None:
     if depth:
         print("\nDepth sweep (transformer-like tree, unscanned):\n")
         print(depth)
+    targets = targets_table(rows)
+    if targets:
+        print("\nIssue 13 targets (TPU):\n")
+        print(targets)
     if fit:
         print()
         print(fit_cost_model(rows))
@@ -740,7 +796,8 @@ def main(argv: list[str] | None = None) -> None:
             row[opt] = result
             print(
                 f"  {tree_name} {opt}: compile {result['compile_s']:.1f} s "
-                f"(lower {result['lower_s']:.1f} s)",
+                f"(CPU {result['compile_cpu_s']:.1f} s, lower {result['lower_s']:.1f} s,"
+                f" load {result['host_load']:.1f})",
                 file=sys.stderr,
                 flush=True,
             )
