@@ -301,22 +301,31 @@ def _tr_train_like_cli(workdir, stop_after=_TR_STOP):
         os.chdir(cwd)
 
 
-def test_trainer_sigterm_checkpoints_the_step_and_resumes_bit_identically(
-    tmp_path, tr_straight
+@pytest.mark.parametrize(
+    "signum",
+    [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+    ids=["SIGTERM", "SIGINT"],
+)
+def test_trainer_signal_checkpoints_the_step_and_resumes_bit_identically(
+    tmp_path, tr_straight, signum
 ):
+    """SIGTERM (preemption) or SIGINT mid-run: the step in progress finishes
+    and is checkpointed, the CLI exits 128 + signum, and the resumed run ends
+    bit-identical to one never interrupted."""
     workdir = tmp_path / "run"
     with open(tmp_path / "log", "w") as log:
         proc = _tr_popen(workdir, log)
         try:
             _tr_wait(proc, lambda: _tr_train_rows(workdir) >= 3)
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
             proc.wait(timeout=300)
         finally:
             proc.kill()
     text = (tmp_path / "log").read_text()
-    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert proc.returncode == 128 + signum, text[-3000:]
     m = re.search(
-        r"stopped by SIGTERM after step (\d+): checkpoint step (\d+) is on disk", text
+        rf"stopped by {signal.Signals(signum).name} after step (\d+): checkpoint step (\d+) is on disk",
+        text,
     )
     assert m and m[1] == m[2], text[-3000:]
     step = int(m[1])
@@ -482,6 +491,34 @@ def test_trainer_falls_back_for_every_file_kind(tmp_path, tr_two_checkpoints, ho
         _tr_assert_identical(
             [np.asarray(x) for x in jax.tree_util.tree_leaves(result.state)], leaves
         )
+
+
+def test_trainer_restores_checkpoints_of_older_versions_unverified_with_a_warning(
+    tmp_path, tr_two_checkpoints
+):
+    """A checkpoint directory written before manifests existed still resumes
+    (with a warning that it is unverified), instead of being discarded."""
+    pristine, leaves = tr_two_checkpoints
+    workdir = tmp_path / "run"
+    shutil.copytree(pristine, workdir)
+    for p in (workdir / "checkpoints").rglob("velo_scale_*"):
+        p.unlink()
+    with pytest.warns(RuntimeWarning, match="step 4 .* no checksum manifest"):
+        result = _tr_train(workdir, stop_after=4)
+    _tr_assert_identical(
+        [np.asarray(x) for x in jax.tree_util.tree_leaves(result.state)], leaves
+    )
+
+
+def test_trainer_nonfinite_initial_state_is_refused_before_training(tmp_path):
+    from velo_scale.train import NonFiniteLossError
+
+    tx = optax.GradientTransformation(
+        lambda p: {"acc": jnp.full((3,), jnp.nan)}, lambda u, s, p=None: (u, s)
+    )
+    with pytest.raises(NonFiniteLossError, match=r"initial train state .*opt_state"):
+        _tr_train(tmp_path, optimizer=_tr_optimizer(tx, "nan_init"))
+    assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
 
 
 def test_trainer_resume_with_a_changed_config_is_an_error(tmp_path):
