@@ -50,7 +50,8 @@ Trees (`--trees`, comma separated):
 Usage:
   python benchmarks/tpu_aot.py [--topology v5e:2x2] [--mesh 2x2]
       [--trees 10m,transformer,depth] [--optimizers velo,adamw]
-      [--json out.json] [--fit] [--from-json a.json[,b.json]]
+      [--json out.json] [--fit] [--from-json a.json[,b.json]] [--dump-hlo DIR]
+      [--kernels]
 
 `--fit` least-squares fits the VeLO paper's App. B.7 cost model
 `cost = c0 + c_tensor * n_tensors + c_param * n_params` (per chip) to bytes
@@ -285,7 +286,9 @@ def make_optimizer(name: str):
     return velo_scale.velo(num_steps=10_000, weights=theta)
 
 
-def compile_step(opt_name: str, tree: Tree, mesh) -> dict[str, Any]:
+def compile_step(
+    opt_name: str, tree: Tree, mesh, dump_hlo: Path | None = None, tree_name: str = ""
+) -> dict[str, Any]:
     import jax
     import optax
     import velo_scale
@@ -328,6 +331,10 @@ def compile_step(opt_name: str, tree: Tree, mesh) -> dict[str, Any]:
     cost = dict(cost or {})
     memory = compiled.memory_analysis()
     hlo = compiled.as_text()
+    if dump_hlo is not None:
+        dump_hlo.mkdir(parents=True, exist_ok=True)
+        (dump_hlo / f"{tree_name or 'tree'}_{opt_name}.hlo.txt").write_text(hlo)
+    largest_shard = max(int(np.prod(param_sh[n].shard_shape(x.shape))) for n, x in shapes.items())
 
     local = 0  # parameter elements held by one chip
     for n, s in shapes.items():
@@ -353,6 +360,7 @@ def compile_step(opt_name: str, tree: Tree, mesh) -> dict[str, Any]:
         "output_bytes": None if memory is None else int(memory.output_size_in_bytes),
         "alias_bytes": None if memory is None else int(memory.alias_size_in_bytes),
         **analysis,
+        "kernels": kernel_breakdown(hlo, largest_shard),
     }
 
 
@@ -400,6 +408,66 @@ def _parse_instruction(line: str) -> tuple[str, str, str, list[str], str] | None
     return m.group(1), rtype, op.group(1), names, rest[args_end:]
 
 
+def _instructions(hlo: str) -> tuple[list[tuple], dict[str, str]]:
+    """[(computation, name, result type, opcode, operand names, attributes)]
+    and {name: result type} of HLO text."""
+    instructions = []
+    computation = None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+) .*\{\s*$", line)
+        if head and " = " not in line.split("{")[0]:
+            computation = head.group(1)
+            continue
+        parsed = _parse_instruction(line)
+        if parsed is not None:
+            instructions.append((computation, *parsed))
+    return instructions, {name: rtype for _, name, rtype, *_ in instructions}
+
+
+def kernel_breakdown(hlo: str, min_elements: int, top: int = 12) -> str:
+    """The fusions that read or write an array of >= `min_elements` (e.g. the
+    largest parameter's shard), grouped by result type and whether they reduce
+    such an array: count, operands, and their operand + result bytes (an
+    estimate of the kernel's HBM traffic; cost_analysis counts differently)."""
+    instructions, types = _instructions(hlo)
+    big_reduce: set[str] = set()
+    for comp, _, _, opcode, operands, _ in instructions:
+        if opcode == "reduce" and operands:
+            if max([n for n, _ in _shape_elems(types.get(operands[0], ""))] or [0]) >= min_elements:
+                big_reduce.add(comp)
+    groups: dict[tuple, list[int]] = {}
+    for _, _, rtype, opcode, operands, attrs in instructions:
+        if opcode != "fusion":
+            continue
+        arrays = [rtype] + [types.get(o, "") for o in operands]
+        shapes = [x for a in arrays for x in _shape_elems(a)]
+        if max([n for n, _ in shapes] or [0]) < min_elements:
+            continue
+        calls = re.search(r"calls=%?([\w.\-]+)", attrs)
+        kind = "reduction" if calls and calls.group(1) in big_reduce else "elementwise"
+        result = re.sub(r"\{[^}]*\}|/\*index=\d+\*/", "", rtype)
+        key = (kind, result if len(result) < 70 else result[:67] + "...")
+        entry = groups.setdefault(key, [0, 0, 0])
+        entry[0] += 1
+        entry[1] += len(operands)
+        entry[2] += sum(b for _, b in shapes)
+    lines = [
+        f"Kernels touching >= {min_elements:,} elements (largest parameter shard):",
+        "",
+        "| kernels | kind | result | operands each | operand + result MB |",
+        "|---|---|---|---|---|",
+    ]
+    for (kind, result), (count, n_ops, nbytes) in sorted(
+        groups.items(), key=lambda kv: -kv[1][2]
+    )[:top]:
+        lines.append(
+            f"| {count} | {kind} | `{result}` | {n_ops / count:.0f} | {nbytes / 1e6:.1f} |"
+        )
+    total = sum(v[2] for v in groups.values())
+    lines.append(f"| {sum(v[0] for v in groups.values())} | all | | | {total / 1e6:.1f} |")
+    return "\n".join(lines)
+
+
 def analyse_hlo(hlo: str, local_params: int) -> dict[str, Any]:
     """Collectives, fusions, passes over the parameters and Pallas calls.
 
@@ -410,17 +478,7 @@ def analyse_hlo(hlo: str, local_params: int) -> dict[str, Any]:
     stacked. Reduction passes count, the same way, the largest operand of the
     reduces inside each fusion.
     """
-    instructions = []  # (computation, name, rtype, opcode, operands, attrs)
-    computation = None
-    for line in hlo.splitlines():
-        head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+) .*\{\s*$", line)
-        if head and " = " not in line.split("{")[0]:
-            computation = head.group(1)
-            continue
-        parsed = _parse_instruction(line)
-        if parsed is not None:
-            instructions.append((computation, *parsed))
-    types = {name: rtype for _, name, rtype, *_ in instructions}
+    instructions, types = _instructions(hlo)
 
     def elems(rtype: str) -> list[int]:
         return [n for n, _ in _shape_elems(rtype)]
@@ -702,7 +760,7 @@ def targets_table(rows: list[dict[str, dict]]) -> str | None:
     return "\n".join(lines)
 
 
-def print_report(payload: dict, fit: bool) -> None:
+def print_report(payload: dict, fit: bool, kernels: bool = False) -> None:
     rows = payload["results"]
     meta = payload["meta"]
     print(
@@ -723,6 +781,11 @@ def print_report(payload: dict, fit: bool) -> None:
     if depth:
         print("\nDepth sweep (transformer-like tree, unscanned):\n")
         print(depth)
+    if kernels:
+        for row in rows:
+            for opt, r in row.items():
+                if r.get("kernels"):
+                    print(f"\n{r['tree']}, {opt}. {r['kernels']}")
     targets = targets_table(rows)
     if targets:
         print("\nIssue 13 targets (TPU):\n")
@@ -741,6 +804,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--fit", action="store_true", help="fit the App. B.7 cost model")
     parser.add_argument("--from-json", default=None, help="report (and fit) saved runs")
+    parser.add_argument("--dump-hlo", default=None, help="write each compiled HLO here")
+    parser.add_argument(
+        "--kernels", action="store_true", help="print the kernels over the largest tensor"
+    )
     args = parser.parse_args(argv)
 
     if args.from_json:
@@ -751,7 +818,7 @@ def main(argv: list[str] | None = None) -> None:
             for row in p["results"]:
                 seen[(row.get("velo") or row["adamw"])["tree"]] = row
         payload["results"] = list(seen.values())
-        print_report(payload, args.fit)
+        print_report(payload, args.fit, args.kernels)
         return
 
     generation = args.topology.split(":")[0]
@@ -791,7 +858,8 @@ def main(argv: list[str] | None = None) -> None:
         tree = build_tree(tree_name)
         row = {}
         for opt in optimizers:
-            result = compile_step(opt, tree, mesh)
+            dump = Path(args.dump_hlo) if args.dump_hlo else None
+            result = compile_step(opt, tree, mesh, dump, tree_name)
             result["tree"] = tree_name
             row[opt] = result
             print(
@@ -804,7 +872,7 @@ def main(argv: list[str] | None = None) -> None:
         payload["results"].append(row)
         if args.json_path:  # partial results survive an interrupted sweep
             Path(args.json_path).write_text(json.dumps(payload, indent=1) + "\n")
-    print_report(payload, args.fit)
+    print_report(payload, args.fit, args.kernels)
 
 
 if __name__ == "__main__":
