@@ -46,14 +46,30 @@ def _decays(values: Sequence[float]) -> jax.Array:
     return jnp.clip(jnp.asarray(values, dtype=jnp.float32), 0.0, 1.0)
 
 
-def init_momentum(p: jax.Array) -> jax.Array:
-    """Zero momentum, f32[*p.shape, 3]."""
-    return jnp.zeros(p.shape + (len(MOMENTUM_DECAYS),), jnp.float32)
+def init_all(zeros: jax.Array) -> tuple[jax.Array | None, ...]:
+    """Zero accumulators (m, v, v_row, v_col, v_diag) of one parameter.
 
+    Args:
+      zeros: `zeros_like(p)` in the storage dtype. Every accumulator is formed
+        from it by the same broadcasts and reductions that `update_*` apply to
+        the gradient, so its type (shape, dtype, sharding under an
+        explicit-axes mesh) is the one the update returns.
 
-def init_rms(p: jax.Array) -> jax.Array:
-    """Zero second moment, f32[*p.shape, 1]."""
-    return jnp.zeros(p.shape + (len(RMS_DECAYS),), jnp.float32)
+    Returns:
+      m [*s, 3], v [*s, 1], and the factored slots (see `factored_shapes`;
+      the unused ones are None).
+    """
+    z = zeros[..., None]
+    three = jnp.zeros((len(ADAFACTOR_DECAYS),), zeros.dtype)
+    dims = factored_dims(zeros.shape)
+    m = z + jnp.zeros((len(MOMENTUM_DECAYS),), zeros.dtype)
+    v = z + jnp.zeros((len(RMS_DECAYS),), zeros.dtype)
+    if dims is None:
+        return m, v, None, None, z + three
+    d1, d0 = dims
+    row = jnp.sum(zeros, axis=d0)[..., None] + three
+    col = jnp.sum(zeros, axis=d1)[..., None] + three
+    return m, v, row, col, None
 
 
 def update_momentum(m: jax.Array, g: jax.Array) -> jax.Array:
@@ -66,30 +82,6 @@ def update_rms(v: jax.Array, g: jax.Array) -> jax.Array:
     """`v <- d * v + (1 - d) * g**2` for every decay d (trailing axis)."""
     d = _decays(RMS_DECAYS)
     return d * v + (1 - d) * (g * g)[..., None]
-
-
-def factored_shapes(
-    shape: Sequence[int],
-) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None, tuple[int, ...] | None]:
-    """Shapes (v_row, v_col, v_diag) of the factored accumulators of a tensor;
-    None for the slots a tensor does not use (the reference keeps empty
-    `[0, 3]` arrays there, which checkpointers cannot store)."""
-    n = len(ADAFACTOR_DECAYS)
-    dims = factored_dims(shape)
-    if dims is None:
-        return None, None, tuple(shape) + (n,)
-    d1, d0 = dims
-    row = tuple(s for i, s in enumerate(shape) if i != d0) + (n,)
-    col = tuple(s for i, s in enumerate(shape) if i != d1) + (n,)
-    return row, col, None
-
-
-def init_factored(p: jax.Array) -> tuple[jax.Array | None, ...]:
-    """Zero factored accumulators (v_row, v_col, v_diag); see `factored_shapes`."""
-    return tuple(
-        None if s is None else jnp.zeros(s, jnp.float32)
-        for s in factored_shapes(p.shape)
-    )
 
 
 def safe_rsqrt(x: jax.Array) -> jax.Array:
@@ -120,7 +112,7 @@ def update_factored(
     """Updates the adafactor accumulators (v_row, v_col, v_diag) with g.
 
     Args:
-      v_row, v_col, v_diag: accumulators from `init_factored`.
+      v_row, v_col, v_diag: accumulators from `init_all`.
       g: f32 gradient (already clipped), rank >= 1.
 
     Returns:

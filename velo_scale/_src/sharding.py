@@ -95,7 +95,7 @@ def _velo_specs(
     def with_decay(spec, shape):
         return P(*spec, None)
 
-    # Unused slots are None (see accumulators.factored_shapes) and stay None.
+    # Unused slots are None (see accumulators.init_all) and stay None.
     def row(spec, shape):
         d0 = accumulators.factored_dims(shape)[1]
         return P(*(s for i, s in enumerate(spec) if i != d0), None)

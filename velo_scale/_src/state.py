@@ -75,6 +75,12 @@ class VeLOState(NamedTuple):
       lstm_cell: f32[n_tensors, lstm_hidden_size], per-tensor LSTM c.
       loss_buffer: `LossBufferState`.
       accumulation: `AccumulationState`, or None when every call is a VeLO step.
+      nonfinite_steps: i32[], calls skipped because the loss, a gradient or
+        the resulting update was not finite (those calls changed nothing
+        else in the state and returned zero updates).
+
+    Leaves that VeLO does not train (non-float dtypes, zero-size arrays) have
+    None in every per-parameter field and no row in the LSTM state.
     """
 
     iteration: jax.Array
@@ -86,3 +92,4 @@ class VeLOState(NamedTuple):
     lstm_cell: jax.Array
     loss_buffer: LossBufferState
     accumulation: AccumulationState | None
+    nonfinite_steps: jax.Array

@@ -98,6 +98,69 @@ def _check_structure(grads: Any, params: Any) -> None:
         )
 
 
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
+
+
+def _dtype(x: Any) -> np.dtype:
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x)
+
+
+def is_trained(x: Any) -> bool:
+    """Whether VeLO trains a leaf: a real floating dtype and at least one
+    element. Other leaves (ints, bools, zero-size arrays) get zero updates,
+    have None accumulators and no per-tensor LSTM row."""
+    return bool(jnp.issubdtype(_dtype(x), jnp.floating)) and math.prod(_shape(x)) > 0
+
+
+def check_leaves(grads: Any, params: Any) -> None:
+    """Rejects leaves VeLO cannot update, naming the leaf.
+
+    Raises:
+      ValueError: complex params, or a gradient whose shape differs from its
+        parameter's, or a `float0`/non-numeric gradient for a float param.
+    """
+    _check_structure(grads, params)
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    for (path, p), g in zip(path_leaves, treedef.flatten_up_to(grads)):
+        name = jax.tree_util.keystr(path) or "<root>"
+        p_dtype = _dtype(p)
+        if jnp.issubdtype(p_dtype, jnp.complexfloating):
+            raise ValueError(
+                f"VeLO does not support complex parameters: {name} has dtype "
+                f"{p_dtype}. Store its real and imaginary parts as two float "
+                "leaves (e.g. `{'re': x.real, 'im': x.imag}`)."
+            )
+        if not is_trained(p):
+            continue  # Left unchanged whatever its gradient.
+        g_shape, p_shape = _shape(g), _shape(p)
+        if g_shape != p_shape:
+            raise ValueError(
+                f"VeLO's gradient for {name} has shape {g_shape} but the "
+                f"parameter has shape {p_shape}; gradients must match their "
+                "parameters exactly (no implicit reshape)."
+            )
+        g_dtype = _dtype(g)
+        if not (
+            jnp.issubdtype(g_dtype, jnp.floating) or jnp.issubdtype(g_dtype, jnp.integer)
+        ):
+            raise ValueError(
+                f"VeLO's gradient for {name} has dtype {g_dtype}, parameter dtype "
+                f"{p_dtype}: a float parameter needs a numeric gradient "
+                "(float0 comes from differentiating an integer input)."
+            )
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """bool[], whether every element of every floating leaf is finite."""
+    flags = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(_dtype(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
 def init_state(
     theta: Mapping[str, Any],
     params: Any,
@@ -106,17 +169,25 @@ def init_state(
     loss_decays: Any = None,
     state_dtype: Any = jnp.float32,
 ) -> VeLOState:
-    """Fresh VeLO state for params (a pytree of arrays) and horizon num_steps.
+    """Fresh VeLO state for params and horizon num_steps.
 
-    `loss_decays` (f32[10]) defaults to `loss_features.compiled_decays`;
-    `state_dtype` is the storage dtype of the per-parameter accumulators.
+    Args:
+      theta: meta-parameters.
+      params: a pytree of arrays, `jax.ShapeDtypeStruct`s or Python floats.
+        Accumulators are built from `zeros_like` of each parameter, so under
+        an explicit-axes mesh they carry the parameter's sharding, the same
+        types `update` returns.
+      num_steps: the horizon N.
+      accumulate: calls per VeLO step (> 1 adds `AccumulationState`).
+      loss_decays: f32[10], default `loss_features.compiled_decays(N)`.
+      state_dtype: storage dtype of the per-parameter accumulators.
     """
     if loss_decays is None:
         loss_decays = loss_features.compiled_decays(num_steps)
-    leaves = jax.tree_util.tree_leaves(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
     init = theta["lstm_init_state"]
     hidden_size = np.shape(init["hidden"])[-1]
-    n = len(leaves)
+    n = sum(is_trained(x) for x in leaves)
     # Quirk kept for the pretrained weights: the LSTM starts from the
     # checkpoint's (learned) initial state, tiled over tensors.
     hidden = jnp.broadcast_to(
@@ -124,21 +195,20 @@ def init_state(
     )
     cell = jnp.broadcast_to(jnp.asarray(init["cell"], jnp.float32), (n, hidden_size))
 
-    def tmap(fn, tree):
-        return jax.tree_util.tree_map(
-            lambda x: jax.tree_util.tree_map(lambda a: a.astype(state_dtype), fn(x)),
-            tree,
-        )
+    per_leaf = [
+        accumulators.init_all(jnp.zeros_like(x, state_dtype)) if is_trained(x) else None
+        for x in leaves
+    ]
 
-    factored = tmap(accumulators.init_factored, params)
-    treedef = jax.tree_util.tree_structure(params)
-    fac_leaves = treedef.flatten_up_to(factored) if n else []
-    row, col, diag = (treedef.unflatten([f[i] for f in fac_leaves]) for i in range(3))
+    def field(i):
+        return treedef.unflatten([None if a is None else a[i] for a in per_leaf])
+
     accumulation = None
     if accumulate > 1:
         accumulation = AccumulationState(
             grad_sum=jax.tree_util.tree_map(
-                lambda p: jnp.zeros(p.shape, jnp.float32), params
+                lambda p: jnp.zeros_like(p, jnp.float32) if is_trained(p) else None,
+                params,
             ),
             loss_sum=jnp.zeros((), jnp.float32),
             count=jnp.zeros((), jnp.int32),
@@ -146,13 +216,14 @@ def init_state(
     return VeLOState(
         iteration=jnp.zeros((), jnp.int32),
         num_steps=jnp.asarray(num_steps, jnp.int32),
-        momentum=tmap(accumulators.init_momentum, params),
-        rms=tmap(accumulators.init_rms, params),
-        factored=FactoredState(v_row=row, v_col=col, v_diag=diag),
+        momentum=field(0),
+        rms=field(1),
+        factored=FactoredState(v_row=field(2), v_col=field(3), v_diag=field(4)),
         lstm_hidden=hidden,
         lstm_cell=cell,
         loss_buffer=loss_features.init(loss_decays),
         accumulation=accumulation,
+        nonfinite_steps=jnp.zeros((), jnp.int32),
     )
 
 
@@ -176,34 +247,42 @@ def velo_step(
       (updates f32 pytree like params, new state, intermediates).
     """
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    shapes = [tuple(np.shape(x)) for _, x in path_leaves]
+    all_p = treedef.flatten_up_to(params)
+    # Only trained leaves (float, non-empty) take part; the others keep zero
+    # updates and never touch the per-tensor statistics of the rest.
+    active = [i for i, p in enumerate(all_p) if is_trained(p)]
+    all_g = treedef.flatten_up_to(grads)
+    shapes = [_shape(all_p[i]) for i in active]
     # Quirk kept for the pretrained weights: scalars act as shape (1,) (their
     # per-tensor statistics are the same either way).
     lift = [(1,) if s == () else s for s in shapes]
     p_leaves = [
-        jnp.asarray(p, jnp.float32).reshape(s)
-        for p, s in zip(treedef.flatten_up_to(params), lift)
+        jnp.asarray(all_p[i], jnp.float32).reshape(s) for i, s in zip(active, lift)
     ]
     g_leaves = [
-        jnp.clip(jnp.asarray(g, jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP).reshape(s)
-        for g, s in zip(treedef.flatten_up_to(grads), lift)
+        jnp.clip(jnp.asarray(all_g[i], jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP)
+        .reshape(s)
+        for i, s in zip(active, lift)
     ]
-    old = [
-        param_net.Accumulators(*acc)
-        for acc in zip(
-            treedef.flatten_up_to(state.momentum),
-            treedef.flatten_up_to(state.rms),
-            treedef.flatten_up_to(state.factored.v_row),
-            treedef.flatten_up_to(state.factored.v_col),
-            treedef.flatten_up_to(state.factored.v_diag),
+    state_leaves = [
+        treedef.flatten_up_to(x)
+        for x in (
+            state.momentum,
+            state.rms,
+            state.factored.v_row,
+            state.factored.v_col,
+            state.factored.v_diag,
         )
     ]
+    old = [param_net.Accumulators(*(f[i] for f in state_leaves)) for i in active]
     acc_leaves = [_lift_accumulators(a, s == ()) for a, s in zip(old, shapes)]
 
     loss_buffer = loss_features.update(state.loss_buffer, loss)
     loss_feats = loss_features.features(loss_buffer)
     fraction = state.iteration / jnp.asarray(state.num_steps, jnp.float32)
-    groups = tensor_groups([jax.tree_util.keystr(p) for p, _ in path_leaves], lift)
+    groups = tensor_groups(
+        [jax.tree_util.keystr(path_leaves[i][0]) for i in active], lift
+    )
     n = len(shapes)
 
     # Phase A, per group of like tensors (vmapped): statistics of the previous
@@ -260,17 +339,19 @@ def velo_step(
             updates[i] = out[k].reshape(shapes[i])
 
     new = [_lower_accumulators(a, s == (), o) for a, s, o in zip(new, shapes, old)]
-    new_m, new_v, new_row, new_col, new_diag = (list(x) for x in zip(*new))
+    full_updates = [jnp.zeros_like(p) for p in all_p]
+    fields = [list(f) for f in state_leaves]
+    for k, i in enumerate(active):
+        full_updates[i] = updates[k]
+        for f, value in zip(fields, new[k]):
+            f[i] = value
+    new_m, new_v, new_row, new_col, new_diag = (treedef.unflatten(f) for f in fields)
 
     new_state = state._replace(
         iteration=state.iteration + 1,
-        momentum=treedef.unflatten(new_m),
-        rms=treedef.unflatten(new_v),
-        factored=FactoredState(
-            v_row=treedef.unflatten(new_row),
-            v_col=treedef.unflatten(new_col),
-            v_diag=treedef.unflatten(new_diag),
-        ),
+        momentum=new_m,
+        rms=new_v,
+        factored=FactoredState(v_row=new_row, v_col=new_col, v_diag=new_diag),
         lstm_hidden=hidden,
         lstm_cell=cell,
         loss_buffer=loss_buffer,
@@ -282,7 +363,7 @@ def velo_step(
         control_params=controls,
         lr_mult=lr_mult,
     )
-    return treedef.unflatten(updates), new_state, intermediates
+    return treedef.unflatten(full_updates), new_state, intermediates
 
 
 def _lift_accumulators(
@@ -353,6 +434,7 @@ def velo(
     decoupled_weight_decay: float = 0.0,
     max_training_steps: int = DEFAULT_MAX_TRAINING_STEPS,
     state_dtype: Any = jnp.float32,
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """VeLO, the versatile learned optimizer, as an optax transformation.
 
@@ -381,6 +463,18 @@ def velo(
         rms, factored). `jnp.bfloat16` halves the state's memory; arithmetic
         stays float32 (see BENCHMARKS.md for its effect on the golden cases).
         The per-tensor LSTM state and the loss buffer stay float32.
+      skip_nonfinite: a call whose loss, gradients or resulting update has a
+        NaN or inf is a no-op: zero updates and the state unchanged except
+        `state.nonfinite_steps`, so a run with a bad step k continues exactly
+        as the run without step k. False gives the reference's behaviour (one
+        NaN element then spreads into every tensor's state for ever).
+
+    Leaves: float leaves of any float dtype are trained (a Python float is a
+    float32 scalar). Leaves VeLO does not train get zero updates in their own
+    dtype and never affect the others: integer and bool leaves (any gradient,
+    e.g. float0, is ignored) and zero-size arrays. Complex params and
+    gradients whose shape differs from their parameter's raise `ValueError`
+    naming the leaf.
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose state is `VeLOState`.
@@ -419,8 +513,9 @@ def velo(
         return init_state(theta, params, horizon, accumulate, loss_decays, state_dtype)
 
     def step_fn(state, grads, params, loss):
-        if not jax.tree_util.tree_leaves(params):
-            return grads, state._replace(iteration=state.iteration + 1)
+        if not any(is_trained(p) for p in jax.tree_util.tree_leaves(params)):
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+            return zeros, state._replace(iteration=state.iteration + 1)
         updates, state, _ = velo_step(theta, state, grads, params, loss)
         return updates, state
 
@@ -430,11 +525,14 @@ def velo(
             raise ValueError(MISSING_PARAMS_MSG)
         loss = _check_loss(loss)
         grads = updates
-        _check_structure(grads, params)
+        check_leaves(grads, params)
+        old_state = state
         if weight_decay:
             grads = jax.tree_util.tree_map(
                 lambda g, p: (
                     g.astype(jnp.float32) + weight_decay * p.astype(jnp.float32)
+                    if is_trained(p)
+                    else g
                 ),
                 grads,
                 params,
@@ -442,6 +540,7 @@ def velo(
             loss = loss + weight_decay * sum(
                 jnp.sum(jnp.square(p.astype(jnp.float32)))
                 for p in jax.tree_util.tree_leaves(params)
+                if is_trained(p)
             )
         if accumulate > 1:
             new_updates, state = _accumulating_step(
@@ -451,35 +550,77 @@ def velo(
             new_updates, state = step_fn(state, grads, params, loss)
         if decoupled_weight_decay:
             new_updates = jax.tree_util.tree_map(
-                lambda u, p: u - decoupled_weight_decay * p.astype(jnp.float32),
+                lambda u, p: (
+                    u - decoupled_weight_decay * p.astype(jnp.float32)
+                    if is_trained(p)
+                    else u
+                ),
                 new_updates,
                 params,
             )
         new_updates = jax.tree_util.tree_map(
-            lambda u, p: jnp.asarray(u).astype(jnp.asarray(p).dtype),
-            new_updates,
-            params,
+            lambda u, p: jnp.asarray(u).astype(_dtype(p)), new_updates, params
         )
+        if skip_nonfinite:
+            trained_grads = [
+                g
+                for g, p in zip(
+                    jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(params)
+                )
+                if is_trained(p)
+            ]
+            finite = (
+                jnp.isfinite(loss)
+                & _all_finite(trained_grads)
+                & _all_finite(new_updates)
+            )
+            new_updates, state = _skip_unless(finite, new_updates, state, old_state)
         return new_updates, state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _skip_unless(
+    finite: jax.Array, updates: Any, state: VeLOState, old: VeLOState
+) -> tuple[Any, VeLOState]:
+    """Zero updates and the old state (one more `nonfinite_steps`) unless
+    `finite`: a non-finite step changes nothing else."""
+    keep = jax.tree_util.tree_map(
+        lambda new, prev: jnp.where(finite, new, prev), state, old
+    )
+    zeros = jax.tree_util.tree_map(
+        lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates
+    )
+    return zeros, keep._replace(
+        nonfinite_steps=old.nonfinite_steps + (~finite).astype(jnp.int32)
+    )
+
+
 def _accumulating_step(step_fn, accumulate, state, grads, params, loss):
-    """Sums grads/loss; every `accumulate`-th call runs a VeLO step on the mean."""
+    """Sums grads/loss; every `accumulate`-th call runs a VeLO step on the mean.
+
+    Untrained leaves (see `is_trained`) have None sums and zero updates.
+    """
     acc = state.accumulation
-    grad_sum = jax.tree_util.tree_map(
-        lambda s, g: s + jnp.asarray(g, jnp.float32), acc.grad_sum, grads
+    treedef = jax.tree_util.tree_structure(params)
+    sums = treedef.flatten_up_to(acc.grad_sum)
+    grad_sum = treedef.unflatten(
+        [
+            None if s is None else s + jnp.asarray(g, jnp.float32)
+            for s, g in zip(sums, treedef.flatten_up_to(grads))
+        ]
     )
     loss_sum = acc.loss_sum + loss
     count = acc.count + 1
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, grad_sum)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
 
     def apply(_):
         mean_grads = jax.tree_util.tree_map(lambda s: s / accumulate, grad_sum)
         updates, new_state = step_fn(state, mean_grads, params, loss_sum / accumulate)
         reset = AccumulationState(
-            zeros, jnp.zeros_like(loss_sum), jnp.zeros_like(count)
+            jax.tree_util.tree_map(jnp.zeros_like, grad_sum),
+            jnp.zeros_like(loss_sum),
+            jnp.zeros_like(count),
         )
         return updates, new_state._replace(accumulation=reset)
 

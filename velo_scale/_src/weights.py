@@ -158,6 +158,14 @@ def validate(
             raise WeightsError(
                 f"VeLO weights key {name} has dtype {dtype}; the format stores float32."
             )
+        bad = int(np.size(value) - np.count_nonzero(np.isfinite(np.asarray(value))))
+        if bad:
+            raise WeightsError(
+                f"VeLO weights key {name} has {bad} non-finite (NaN or inf) "
+                f"value(s) of {np.size(value)}; the file is corrupt or was written "
+                "by a diverged meta-training run. Use an intact weights file (the "
+                "official one, or export an earlier meta-training checkpoint)."
+            )
     extra = sorted(set(found) - set(expected))
     if extra:
         name = "/".join(extra[0])
@@ -178,10 +186,18 @@ def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):
 # --- msgpack format -----------------------------------------------------------
 
 
+class _FormatError(ValueError):
+    """An array record inside the msgpack stream is malformed."""
+
+
 def _ext_hook(code: int, data: bytes):
     if code in (_MSGPACK_NDARRAY, _MSGPACK_NPSCALAR):
-        shape, dtype, buf = msgpack.unpackb(data, raw=True)
-        arr = np.frombuffer(buf, dtype=np.dtype(dtype.decode())).reshape(shape)
+        try:
+            shape, dtype, buf = msgpack.unpackb(data, raw=True)
+            dtype = np.dtype(dtype.decode())
+            arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        except (TypeError, ValueError, AttributeError, msgpack.UnpackException) as e:
+            raise _FormatError(f"an array record cannot be decoded ({e})") from None
         return arr[()] if code == _MSGPACK_NPSCALAR else arr.copy()
     return msgpack.ExtType(code, data)
 
@@ -199,6 +215,12 @@ def _default(obj):
 def _decode(data: bytes, source: str) -> tuple[Theta, str, int]:
     try:
         root = msgpack.unpackb(data, ext_hook=_ext_hook, strict_map_key=False)
+    except _FormatError as e:
+        raise WeightsError(
+            f"{source} is not a valid VeLO weights file: {e}. The file is "
+            "corrupt: replace it with an intact copy (the official file has "
+            f"{OFFICIAL_WEIGHTS_BYTES:,} bytes)."
+        ) from None
     except (
         ValueError,
         msgpack.ExtraData,
@@ -362,13 +384,46 @@ def _resolve_default() -> tuple[bytes, str]:
     if env:
         return _read_source(env)
     cached = default_cache_path()
+    broken = None
+    digest_file = cached.with_name(cached.name + ".sha256")
     if cached.exists():
         data = cached.read_bytes()
         if len(data) == OFFICIAL_WEIGHTS_BYTES:
+            _verify_cached(cached, data, digest_file)
             return data, str(cached)
-    data = _download(OFFICIAL_WEIGHTS_URL, expected_bytes=OFFICIAL_WEIGHTS_BYTES)
+        broken = len(data)
+    try:
+        data = _download(OFFICIAL_WEIGHTS_URL, expected_bytes=OFFICIAL_WEIGHTS_BYTES)
+    except WeightsError as e:
+        if broken is None:
+            raise
+        raise WeightsError(
+            f"the cached VeLO weights file {str(cached)!r} is truncated or corrupt "
+            f"({broken:,} bytes, expected {OFFICIAL_WEIGHTS_BYTES:,}), and a fresh "
+            f"copy could not be downloaded. Delete it (rm {str(cached)!r}) and put "
+            "an intact copy of the official file there, or point "
+            f"${WEIGHTS_ENV} at one.\n\n{e}"
+        ) from None
     atomic_write_bytes(cached, data)
+    atomic_write_bytes(digest_file, hashlib.sha256(data).hexdigest().encode())
     return data, str(cached)
+
+
+def _verify_cached(path: pathlib.Path, data: bytes, digest_file: pathlib.Path) -> None:
+    """Checks a cached download against the sha256 recorded when it was
+    downloaded (files put into the cache by hand have none)."""
+    if not digest_file.exists():
+        return
+    want = digest_file.read_text().strip()
+    got = hashlib.sha256(data).hexdigest()
+    if got != want:
+        raise WeightsError(
+            f"the cached VeLO weights file {str(path)!r} changed since it was "
+            f"downloaded (sha256 {got[:12]}..., recorded {want[:12]}...): the "
+            f"copy is corrupt. Delete it and {digest_file.name} "
+            f"(rm {str(path)!r} {str(digest_file)!r}) so it is downloaded again, "
+            "or put an intact copy there."
+        )
 
 
 def _download(
