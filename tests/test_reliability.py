@@ -510,6 +510,33 @@ def test_trainer_restores_checkpoints_of_older_versions_unverified_with_a_warnin
     )
 
 
+def test_trainer_never_resumes_from_a_nan_checkpoint(tmp_path, tr_two_checkpoints):
+    """A checkpoint holding NaN params (as older versions wrote them) is set
+    aside with a warning; the run resumes from the finite one before it."""
+    pristine, leaves = tr_two_checkpoints
+    workdir = tmp_path / "run"
+    shutil.copytree(pristine, workdir)
+    ckpts = workdir / "checkpoints"
+    for p in ckpts.rglob("velo_scale_*"):
+        p.unlink()  # an older version's directory: no manifests
+    manager = ocp.CheckpointManager(ckpts)
+    state = manager.restore(4, args=ocp.args.StandardRestore())
+    manager.close()
+    shutil.rmtree(ckpts / "4")
+    state["params"] = jax.tree_util.tree_map(
+        lambda x: np.full_like(np.asarray(x), np.nan), state["params"]
+    )
+    manager = ocp.CheckpointManager(ckpts)
+    manager.save(4, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+    manager.close()
+    with pytest.warns(RuntimeWarning, match=r"step 4 .* non-finite values"):
+        result = _tr_train(workdir, stop_after=4, checkpoint_every=2)
+    _tr_assert_identical(
+        [np.asarray(x) for x in jax.tree_util.tree_leaves(result.state)], leaves
+    )
+
+
 def test_trainer_nonfinite_initial_state_is_refused_before_training(tmp_path):
     from velo_scale.train import NonFiniteLossError
 

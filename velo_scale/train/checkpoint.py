@@ -219,6 +219,7 @@ class Checkpointer:
     def _choose_step(self) -> int | None:
         """Process 0 verifies steps newest first, quarantining bad ones; every
         process gets its choice."""
+        self.reload()  # steps set aside since the last call are gone
         chosen = -1
         if _is_primary():
             for step in reversed(self.all_steps()):

@@ -203,7 +203,6 @@ def train(
         checkpointed and the same call resumes from it.
       NonFiniteLossError: `max_nonfinite_steps` consecutive skipped steps.
     """
-    kwargs = dict(locals())
     if num_steps < 1:
         raise ValueError(f"train.num_steps must be >= 1; got {num_steps}.")
     if (model is None) == (workload is None):
@@ -219,13 +218,23 @@ def train(
     run_dirs = [d for d in (workdir, checkpoint_dir) if d is not None]
     for d in run_dirs:
         ckpt_lib.check_writable(d)  # a clear error before anything else
-    kwargs.update(workdir=workdir, checkpoint_dir=checkpoint_dir)
     # One run per workdir; SIGTERM/SIGINT stop after a step, with a checkpoint.
     with (
         lock_lib.lock_run_directories(run_dirs),
         StopOnSignal(enabled=checkpoint_dir is not None) as stop,
     ):
-        return _train(**kwargs, stop=stop)
+        return _train(
+            model=model, workload=workload, optimizer=optimizer,
+            num_steps=num_steps, data=data, eval_data=eval_data,
+            data_dir=data_dir, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, mesh_shape=mesh_shape,
+            axis_names=axis_names, logical_axis_rules=logical_axis_rules,
+            eval_every=eval_every, workdir=workdir, checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+            init_from=init_from, seed=seed, stop_after=stop_after,
+            max_nonfinite_steps=max_nonfinite_steps, log_every=log_every,
+            progress=progress, config=config, stop=stop,
+        )  # fmt: skip
 
 
 def _train(
