@@ -2,6 +2,7 @@
 
 Public API:
   velo                   the optax transformation (`update(..., loss=loss)`)
+  extend_horizon         continue a run past num_steps (naive / increase / reset)
   load_weights           read the official `params` file (path, URL or default)
   save_weights           write meta-parameters in the same format
   init_weights           random meta-parameters of a given architecture
@@ -10,6 +11,7 @@ Public API:
   state_shardings        the same as NamedShardings on a mesh
 """
 
+from velo_scale._src.horizon import extend_horizon
 from velo_scale._src.sharding import (
     ShardingError,
     mesh_param_specs,
@@ -47,6 +49,7 @@ __all__ = [
     "VeLOState",
     "WeightsError",
     "default_cache_path",
+    "extend_horizon",
     "init_weights",
     "load_weights",
     "mesh_param_specs",
