@@ -15,8 +15,9 @@ jestimator are looked up next to the T5X checkout. The Debian Bible packages
 
 What it does:
 
-1. Environment: a venv under the workdir (reused when it already imports
-   t5x, seqio and velo_scale; `--rebuild` makes a new one) with velo_scale
+1. Environment: a venv (`--venv`, default <workdir>/venv; an existing one
+   is reused if it imports t5x, seqio and velo_scale, else the check stops
+   and `--rebuild` makes a new one) with velo_scale
    from this checkout (`-e .[seqio,recipes]`), T5X's other PyPI dependencies,
    and airio, jestimator and T5X from the checkouts (`--no-deps`).
 2. Runs the tiny CPU variant of the recipes (gin_configs/t5x/*.gin +
@@ -91,7 +92,10 @@ READ_EVENTS = r"""
 import glob, json, sys
 import tensorflow as tf
 out = {}
+skip = set(sys.argv[3:])
 for path in sorted(glob.glob(sys.argv[1] + "/events.out.tfevents.*")):
+    if path in skip:
+        continue
     for event in tf.compat.v1.train.summary_iterator(path):
         for v in event.summary.value:
             if v.tag == sys.argv[2]:
@@ -145,7 +149,13 @@ def build_env(args: argparse.Namespace) -> pathlib.Path:
     python = venv / "bin" / "python"
     logs = args.workdir / "logs"
     modules = ["t5x.train", "seqio", "velo_scale.data.seqio_tasks", "jestimator.amos"]
-    if not args.rebuild and common.imports_ok(python, modules):
+    if venv.exists() and not args.rebuild:
+        error = common.import_error(python, modules)
+        common.ensure(
+            error is None,
+            f"the existing venv {venv} cannot import {modules} (pass --rebuild to "
+            f"make a new one):\n{error}",
+        )
         common.log(f"environment: reusing {venv}")
         return python
     if venv.exists():
@@ -201,7 +211,6 @@ class Runner:
             f"--gin.partitioning.PjitPartitioner.num_partitions={NUM_PARTITIONS}",
             "--gin.train.stats_period=1",
             f"--gin.utils.SaveCheckpointConfig.period={CHECKPOINT_PERIOD}",
-            "--gin.utils.SaveCheckpointConfig.save_dataset=True",
         ]
         return cmd + [f"--gin.{b}" for b in bindings]
 
@@ -230,12 +239,14 @@ class Runner:
         return model_dir, log_path, seconds
 
     def scalars(
-        self, model_dir: pathlib.Path, tag: str, sub: str = "train"
+        self, model_dir: pathlib.Path, tag: str, sub: str = "train", skip=()
     ) -> dict[int, float]:
+        """`{step: value}` of `tag` in the run's event files (the last value
+        of each step), leaving out the files in `skip`."""
         import subprocess
 
         out = subprocess.run(
-            [str(self.python), "-c", READ_EVENTS, str(model_dir / sub), tag],
+            [str(self.python), "-c", READ_EVENTS, str(model_dir / sub), tag, *skip],
             capture_output=True,
             text=True,
             env=self.env,
@@ -259,6 +270,16 @@ def checkpoints(model_dir: pathlib.Path) -> list[int]:
     return sorted(steps)
 
 
+def inference_metric(model_dir: pathlib.Path, name: str) -> dict[int, float]:
+    """`{step: value}` of a metric of seqio's evaluator (its JSON logger's
+    `inference_eval/<task>-metrics.jsonl`)."""
+    path = model_dir / "inference_eval" / "bible_en_es_translate-metrics.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {int(r["step"]): float(r[name]) for r in rows if name in r}
+
+
 def loss_decreased(losses: dict[int, float]) -> tuple[float, float, bool]:
     steps = sorted(losses)
     first = sum(losses[s] for s in steps[:3]) / 3
@@ -277,7 +298,10 @@ def main(argv: Sequence[str] | None) -> int:
     runner = Runner(args, python)
     pretrain = ["bible_pretrain.gin"]
     velo = pretrain + ["velo.gin"]
-    steps = [f"TRAIN_STEPS={STEPS}"]
+    # Pre-training checkpoints hold the dataset iterator too, so that a
+    # resumed run sees the batches the uninterrupted one saw. (Not for
+    # fine-tuning: T5X would then restore the pre-training run's iterator.)
+    steps = [f"TRAIN_STEPS={STEPS}", "utils.SaveCheckpointConfig.save_dataset=True"]
     rows, failures = [], []
 
     def record(name, optimizer, losses, seconds, checks):
@@ -344,13 +368,15 @@ def main(argv: Sequence[str] | None) -> int:
     )
     killed_at = max(checkpoints(model_dir))
     before = runner.scalars(model_dir, LOSS)
+    old_events = [str(p) for p in (model_dir / "train").glob("events.out.tfevents.*")]
     _, restart_log, seconds = runner.run(
         "velo_resume", velo + ["tiny.gin"], steps, fresh=False
     )
     after_all = runner.scalars(model_dir, LOSS)
+    # What the restarted process logged (its own event file).
+    resumed = runner.scalars(model_dir, LOSS, skip=old_events)
     restart_text = restart_log.read_text(errors="replace")
     restored = re.search(r"[Rr]estor\w* .*checkpoint_(\d+)", restart_text)
-    resumed = {s: v for s, v in after_all.items() if s > killed_at}
     same = all(close(resumed[s], ref[s]) for s in resumed)
     record(
         "velo_resume",
@@ -369,7 +395,7 @@ def main(argv: Sequence[str] | None) -> int:
         ],
     )
     resume_detail = [
-        (s, before.get(s), after_all.get(s), ref.get(s))
+        (s, before.get(s), resumed.get(s), ref.get(s))
         for s in (killed_at - 1, killed_at, killed_at + 1, killed_at + 2, STEPS)
     ]
 
@@ -379,7 +405,7 @@ def main(argv: Sequence[str] | None) -> int:
         velo + ["tiny.gin"],
         [
             f"TRAIN_STEPS={MICRO_STEPS}",
-            "velo_scale.integrations.t5x.VeLOTrainer.num_microbatches=2",
+            "VeLOTrainer.num_microbatches=2",
         ],
     )
     micro = runner.scalars(model_dir, LOSS)
@@ -430,11 +456,7 @@ def main(argv: Sequence[str] | None) -> int:
     ):
         model_dir, ft_log, seconds = runner.run(name, files, finetune_bindings + extra)
         losses = runner.scalars(model_dir, LOSS)
-        bleu = runner.scalars(
-            model_dir, "inference_eval/bible_en_es_translate/bleu", sub="inference_eval"
-        )
-        if not bleu:  # seqio's TensorBoard logger writes the tag without the prefix
-            bleu = runner.scalars(model_dir, "bleu", sub="inference_eval")
+        bleu = inference_metric(model_dir, "bleu")
         bleus[name] = bleu
         record(
             name,
@@ -448,8 +470,10 @@ def main(argv: Sequence[str] | None) -> int:
                 ),
                 ("loss decreased", len(losses) >= 3 and loss_decreased(losses)[2]),
                 (
-                    f"BLEU reported ({', '.join(f'{v:.2f}' for v in bleu.values()) or 'none'})",
-                    bool(bleu),
+                    "BLEU at step {} ({})".format(
+                        total, ", ".join(f"{v:.3f}" for v in bleu.values()) or "none"
+                    ),
+                    total in bleu,
                 ),
             ],
         )
@@ -474,7 +498,7 @@ def main(argv: Sequence[str] | None) -> int:
         "",
         common.table(rows, header),
         "",
-        "resume (step, killed run, resumed run, uninterrupted run):",
+        "resume, loss by step: killed run, restarted run, uninterrupted run:",
         *(f"  {s}: {b}, {a}, {r}" for s, b, a, r in resume_detail),
     ]
     summary = "\n".join(lines)
