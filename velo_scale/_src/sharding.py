@@ -261,8 +261,19 @@ def mesh_param_specs(
 
 def _resolve_param_specs(params: Any, param_specs: Any, rules: Any) -> tuple[Any, Any]:
     """Unboxes flax params and finds their specs (mesh axes)."""
-    import flax.linen as nn
-
+    try:
+        import flax.linen as nn
+    except ImportError:  # The lean install: no flax, so no boxed params.
+        nn = None
+    if nn is None:
+        if rules is not None:
+            raise ImportError(
+                "logical_axis_rules need flax: pip install 'velo-scale[train]' "
+                "(or flax)."
+            )
+        if param_specs is None:
+            param_specs = jax.tree_util.tree_map(_spec_of_array, params)
+        return params, param_specs
     boxed = any(
         isinstance(x, nn.meta.AxisMetadata)
         for x in jax.tree_util.tree_leaves(
