@@ -36,7 +36,9 @@ def _chain_like_praxis(tx):
         updates, state = tx.update(updates, state, params)
         return updates, pax.mask_empty_slots(state)
 
-    return tx._replace(update=update) if hasattr(tx, "_replace") else None
+    return pax.ShardedGradientTransformation(
+        init=tx.init, update=update, init_partition_spec=tx.init_partition_spec
+    )
 
 
 def test_training_loss_reaches_update_and_matches_explicit_loss(theta):

@@ -9,4 +9,12 @@ is real and any failure fails the lane.
 
 import os
 
-collect_ignore_glob = [] if os.environ.get("VELO_SCALE_PAX_LANE") == "1" else ["test_*.py"]
+PAX_LANE = os.environ.get("VELO_SCALE_PAX_LANE") == "1"
+collect_ignore_glob = [] if PAX_LANE else ["test_*.py"]
+
+# XLA's CPU backend at -O0: the sharded LM train step compiles in ~40 s
+# instead of ~5 min on a loaded 2-core machine; the steps themselves are tiny.
+# (jax is not imported yet: tests/conftest.py only sets the device count.)
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if PAX_LANE and FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
