@@ -85,6 +85,7 @@ class Checkpointer:
         self.directory = check_writable(directory)
         self._unfinished: list[int] = []  # steps whose manifest is incomplete
         self._in_flight: int | None = None
+        self._asynchronous = asynchronous
         kwargs = {}
         if asynchronous and _has_post_finalization_callback():
             kwargs["async_options"] = ocp.AsyncOptions(
@@ -150,6 +151,8 @@ class Checkpointer:
         self._in_flight = step
         self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
         self._unfinished.append(step)
+        if not self._asynchronous and _is_primary():
+            self._finish_manifests()  # the step is committed already
 
     def wait(self) -> None:
         """Blocks until pending saves and their manifests are on disk."""
