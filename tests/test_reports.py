@@ -282,6 +282,57 @@ def test_default_labels_use_config_optimizer(two_runs, monkeypatch, tmp_path):
     assert texts == ["run_velo (velo)", "run_adam"]
 
 
+def _capture_figure(monkeypatch):
+    from matplotlib.figure import Figure
+
+    seen = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: seen.append(fig))
+    return seen
+
+
+def test_plot_has_one_labelled_panel_per_metric_and_a_title(
+    two_runs, monkeypatch, tmp_path
+):
+    pytest.importorskip("matplotlib")
+    config = json.loads((two_runs[0] / "config.json").read_text())
+    config.update(
+        data="fashion_mnist",
+        config={"gin": "velo.weights = 'auto'\n", "gin_files": ["recipes/x.gin"]},
+    )
+    (two_runs[0] / "config.json").write_text(json.dumps(config))
+    seen = _capture_figure(monkeypatch)
+    reports.plot_runs(two_runs[:1], tmp_path / "x.png")
+    (fig,) = seen
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [
+        "train loss (raw and smoothed)",
+        "eval loss (lower is better)",
+        "eval accuracy (higher is better)",
+    ]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss", "loss", "accuracy"]
+    # No twin axes: accuracy is linear, on its own panel.
+    assert fig.axes[2].get_yscale() == "linear"
+    assert fig.get_suptitle() == (
+        "recipe x.gin | data fashion_mnist | optimizer velo | weights 'auto'"
+    )
+
+
+def test_plot_single_evaluation_is_a_labelled_marker(tmp_path, clock, monkeypatch):
+    pytest.importorskip("matplotlib")
+    with metrics_lib.MetricsWriter(tmp_path / "one", tensorboard=False) as w:
+        for step in range(1, 11):
+            w.write(step, {"loss": 1.0 / step})
+        w.write(10, {"loss": 0.5, "accuracy": 0.8125}, split="eval")
+    seen = _capture_figure(monkeypatch)
+    reports.plot_runs([tmp_path / "one"], tmp_path / "one.png")
+    (fig,) = seen
+    accuracy = fig.axes[2]
+    assert [t.get_text() for t in accuracy.texts] == ["0.8125"]
+    (line,) = accuracy.get_lines()
+    assert line.get_marker() == "o" and line.get_linestyle() == "None"
+    assert fig.axes[0].get_yscale() == "log"  # train loss spans 1 .. 0.1
+
+
 def test_plot_runs_tolerates_nonfinite_and_missing_eval(tmp_path, clock):
     pytest.importorskip("matplotlib")
     with metrics_lib.MetricsWriter(tmp_path / "diverged", tensorboard=False) as w:
@@ -313,9 +364,18 @@ def _parse_table(table: str) -> list[dict[str, str]]:
     ]
 
 
+LOSS_COLUMN = metrics_lib.FINAL_LOSS_LABEL
+RATE_COLUMN = metrics_lib.RATE_LABEL
+
+
 def test_compare_runs_table(two_runs):
     rows = _parse_table(reports.compare_runs(two_runs))
-    assert list(rows[0]) == list(reports.COMPARE_COLUMNS)
+    assert list(rows[0]) == [
+        "run", "optimizer", "steps", LOSS_COLUMN, "best eval loss",
+        "final eval loss", "final eval accuracy",
+        "wall time (s)", "first step (s, compilation)", RATE_COLUMN,
+    ]  # fmt: skip
+    assert list(rows[0]) == reports.compare_columns(two_runs)
     velo, adam = rows
 
     # velo: 100 train rows, 4 evals; the clock ticks 0.5 s per written row.
@@ -325,21 +385,57 @@ def test_compare_runs_table(two_runs):
         "run": "run_velo",
         "optimizer": "velo",
         "steps": "100",
-        "final train loss": f"{final_train:.4g}",
+        LOSS_COLUMN: f"{final_train:.4g}",
         "best eval loss": f"{min(eval_losses):.4g}",
         "final eval loss": f"{eval_losses[-1]:.4g}",
         "final eval accuracy": f"{100 / 150:.4g}",
         "wall time (s)": f"{(104 - 1) * 0.5:.1f}",
+        "first step (s, compilation)": "-",  # not written by this fake run
         # 99 steps between the first and last train row, 102 rows apart.
-        "steps/s": f"{99 / (102 * 0.5):.3g}",
+        RATE_COLUMN: f"{99 / (102 * 0.5):.3g}",
     }
     # adam: no config.json and no eval accuracy.
     assert adam["optimizer"] == "-"
     assert adam["steps"] == "50"
     assert adam["final eval accuracy"] == "-"
     final_adam = np.mean([_train_loss(s, 3.0) for s in range(46, 51)])
-    assert adam["final train loss"] == f"{final_adam:.4g}"
+    assert adam[LOSS_COLUMN] == f"{final_adam:.4g}"
     assert adam["final eval loss"] == f"{1.5 * _train_loss(50, 3.0):.4g}"
+
+
+def test_compare_shows_the_workloads_own_metrics(tmp_path, clock):
+    gnn, mt = tmp_path / "gnn", tmp_path / "translation"
+    with metrics_lib.MetricsWriter(gnn, tensorboard=False) as w:
+        for step in (1, 2):
+            w.write(step, {"loss": 1.0})
+        w.write(2, {"loss": 0.5, "mAP": 0.25, "AUC": 0.75}, split="eval")
+    with metrics_lib.MetricsWriter(mt, tensorboard=False) as w:
+        w.write(1, {"loss": 3.0})
+        w.write(1, {"loss": 2.5, "bleu": 12.5}, split="eval")
+    gnn_row, mt_row = _parse_table(reports.compare_runs([gnn, mt]))
+    assert gnn_row["final eval mAP"] == "0.25"
+    assert gnn_row["final eval AUC"] == "0.75"
+    assert gnn_row["final eval bleu"] == "-"
+    assert mt_row["final eval bleu"] == "12.5"
+    assert mt_row["final eval mAP"] == "-"
+
+
+def test_compare_rate_excludes_first_steps_and_skipped_losses(tmp_path, clock):
+    run = tmp_path / "run"
+    with metrics_lib.MetricsWriter(run, tensorboard=False) as w:
+        # Start 1: the first step took 30 s (compilation), then 0.5 s per row.
+        w.write(1, {"loss": 9.0, metrics_lib.COMPILE_KEY: 30.0, "skipped": 0})
+        for step in range(2, 11):
+            w.write(step, {"loss": 1.0, "skipped": 0})
+        clock.now += 1_000  # down for a while, then resumed at step 11
+        w.write(11, {"loss": 1.0, metrics_lib.COMPILE_KEY: 20.0, "skipped": 0})
+        for step in range(12, 20):
+            w.write(step, {"loss": 1.0, "skipped": 0})
+        w.write(20, {"loss": float("nan"), "skipped": 1})  # skipped by the trainer
+    (row,) = _parse_table(reports.compare_runs([run]))
+    assert row["first step (s, compilation)"] == "50.0"
+    assert row[RATE_COLUMN] == "2"  # 18 steps in 9 s: the gap is not counted
+    assert row[LOSS_COLUMN] == "1"  # the skipped step's nan is left out
 
 
 def test_compare_runs_diverged_and_restarted(tmp_path, clock):
@@ -353,9 +449,9 @@ def test_compare_runs_diverged_and_restarted(tmp_path, clock):
         w.write(21, {"loss": float("nan")})
     (row,) = _parse_table(reports.compare_runs([run]))
     assert row["steps"] == "21"
-    assert row["final train loss"] == "nan"  # Divergence is not averaged away.
+    assert row[LOSS_COLUMN] == "nan"  # Divergence is not averaged away.
     assert row["best eval loss"] == "-"
-    assert row["final eval loss"] == "-"
+    assert "final eval loss" not in row  # no run wrote eval rows
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         (run / "config.json").write_text(json.dumps({"optimizer": {"name": "adam"}}))

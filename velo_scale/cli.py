@@ -14,6 +14,7 @@ This is the only module that reads flags and gin; it binds
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import inspect
 import pathlib
@@ -94,6 +95,116 @@ def _explain_gin_error(error: Exception, registry: dict) -> str:
     return msg.splitlines()[0] if msg else repr(error)
 
 
+CONFIG_PREFIX = "velo_scale:"
+CONFIG_DIRS = ("gin_configs", "recipes")
+SHARE_DIR = "share"  # velo_scale/share/{gin_configs,recipes} in a built wheel
+
+
+def config_root() -> pathlib.Path | None:
+    """The folder holding velo_scale's `gin_configs/` and `recipes/`.
+
+    An installed wheel ships them as package data in `velo_scale/share/` (see
+    setup.py); a source checkout (editable install) has them at the
+    repository root. None when neither is there."""
+    package = pathlib.Path(__file__).resolve().parent
+    for root in (package / SHARE_DIR, package.parent):
+        if all((root / d).is_dir() for d in CONFIG_DIRS):
+            return root
+    return None
+
+
+def resolve_gin_file(name: str) -> pathlib.Path:
+    """The gin file `name` names: a path (from the working directory), else
+    the same relative path in velo_scale's own configs (`recipes/x.gin`,
+    `gin_configs/t5x/velo.gin` work from any directory and from an installed
+    package), or `velo_scale:<path>` (under gin_configs/, recipes/ or the
+    root of `config_root()`)."""
+    root = config_root()
+    if name.startswith(CONFIG_PREFIX):
+        rel = name[len(CONFIG_PREFIX) :].lstrip("/")
+        candidates = [root / d / rel for d in CONFIG_DIRS] + [root / rel] if root else []
+    else:
+        path = pathlib.Path(name).expanduser()
+        candidates = [path.absolute()]
+        if root is not None and not path.is_absolute():
+            candidates.append(root / path)
+    for path in candidates:
+        if path.is_dir():
+            gins = sorted(p.name for p in path.glob("*.gin"))
+            raise ValueError(
+                f"--gin_file {name!r} is a directory; pass a .gin file"
+                + (f", e.g. {name.rstrip('/')}/{gins[0]} (it has {len(gins)})" if gins else "")
+                + "."
+            )
+        if path.is_file():
+            return path
+    where = f" or in velo_scale's configs ({root})" if root else ""
+    raise ValueError(
+        f"gin file {name!r} does not exist (looked in {pathlib.Path.cwd()}{where}). "
+        "List the shipped ones with `velo-scale configs`."
+    )
+
+
+def _explain_include_error(error: OSError) -> str:
+    """gin's "Unable to open file" for an `include`, with the fix."""
+    msg = " ".join(str(error).split())
+    return (
+        f"{msg} An `include` path is looked up in the folders listed; write it "
+        "relative to one of them (e.g. include 'gin_configs/models/mlp.gin'), "
+        "or list the shipped files with `velo-scale configs`."
+    )
+
+
+QUOTE_STRINGS_MSG = (
+    "gin values are Python literals: quote strings in gin, x = 'value' "
+    "(on the command line: --gin_param \"train.data = 'fashion_mnist'\"); "
+    "@name refers to a configurable, %NAME to a macro."
+)
+_UNQUOTED = re.compile(r"^\s*([\w./]+)\s*=\s*([A-Za-z_][\w.]*)\s*(#.*)?$")
+
+
+def _explain_unquoted(error: Exception, files: Sequence[str], params: Sequence[str]):
+    """gin's `malformed node ... <ast.Name ...>`: a bare word where a value
+    belongs, named with where it is."""
+    found = []
+    sources = [("--gin_param", p) for p in params]
+    for f in files:
+        try:
+            text = pathlib.Path(f).read_text(encoding="utf-8")
+        except OSError:
+            continue
+        sources += [(f"{f}:{i}", line) for i, line in enumerate(text.splitlines(), 1)]
+    for where, line in sources:
+        m = _UNQUOTED.match(line)
+        if m and m.group(2) not in ("True", "False", "None"):
+            found.append(f"{where}: {m.group(1)} = {m.group(2)}")
+    what = f" Unquoted: {'; '.join(found[:3])}." if found else ""
+    return f"{QUOTE_STRINGS_MSG}{what} (gin said: {str(error).split(':')[0]}.)"
+
+
+class _DropPathNotFound:
+    """A logging filter for gin's "Path not found: ..." lines: gin logs one
+    for every search path an `include` is not in, found or not."""
+
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith("Path not found:")
+
+
+@contextlib.contextmanager
+def _quiet_include_search():
+    import logging
+
+    handlers = [logging.getLogger(), *logging.getLogger().handlers]
+    quiet = _DropPathNotFound()
+    for h in handlers:
+        h.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+
+
 def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> dict:
     """Parses gin files (the embedded default when none) and bindings.
 
@@ -104,21 +215,31 @@ def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]) -> dict:
 
     registry = _register_configurables()
     gin.clear_config()
-    files = list(gin_files)
+    files = [str(resolve_gin_file(f)) for f in gin_files]
     if not files:
         files = [str(resources.files("velo_scale.recipes") / "default.gin")]
+    roots = [pathlib.Path.cwd()]
     for f in files:
-        path = pathlib.Path(f).expanduser().absolute()
-        if not path.exists():
-            raise ValueError(f"gin file {f!r} does not exist.")
+        path = pathlib.Path(f)
         # Includes resolve from the working directory, the file's folder and
-        # the folder above it (recipes/ -> repository root).
-        for root in (pathlib.Path.cwd(), path.parent, path.parent.parent):
-            gin.add_config_file_search_path(str(root))
+        # the folder above it (recipes/ -> repository root), then velo_scale's
+        # own gin_configs/ and recipes/ (an installed package has them too).
+        roots += [path.parent, path.parent.parent]
+    if (shipped := config_root()) is not None:
+        roots.append(shipped)
+    for root in dict.fromkeys(roots):
+        gin.add_config_file_search_path(str(root))
     try:
-        gin.parse_config_files_and_bindings(files, gin_params, finalize_config=False)
+        with _quiet_include_search():
+            gin.parse_config_files_and_bindings(
+                files, gin_params, finalize_config=False
+            )
     except (ValueError, KeyError, SyntaxError) as e:
+        if "malformed node" in str(e):
+            raise ValueError(_explain_unquoted(e, files, gin_params)) from None
         raise ValueError(_explain_gin_error(e, registry)) from None
+    except OSError as e:  # a bad `include`
+        raise ValueError(_explain_include_error(e)) from None
     return registry
 
 
@@ -171,15 +292,24 @@ def _is_primary() -> bool:
     return jax.process_index() == 0
 
 
+DEFAULT_RECIPE = "default.gin (embedded)"
+NO_WORKDIR_MSG = (
+    "velo-scale: no --workdir: nothing will be saved (no metrics, checkpoints "
+    "or curves.png; the run cannot be resumed). Pass --workdir DIR to keep them."
+)
+
+
 def run_train(args: argparse.Namespace) -> int:
     import gin
 
     _maybe_initialize_distributed(args.multihost)
     registry = parse_gin(args.gin_file, args.gin_param)
     train_fn = gin.get_configurable("train")
-    kwargs = {"config": {"gin": gin.config_str()}}
+    kwargs = {"config": {"gin": gin.config_str(), "gin_files": list(args.gin_file) or [DEFAULT_RECIPE]}}
     if args.workdir:
         kwargs["workdir"] = args.workdir
+    elif "train.workdir" not in gin.config_str() and _is_primary():
+        print(NO_WORKDIR_MSG, file=sys.stderr, flush=True)
     try:
         result = train_fn(**kwargs)
     except (TypeError, ValueError) as e:
@@ -236,19 +366,79 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+MAIN_EPILOG = """\
+examples:
+  velo-scale train --workdir runs/default        # the embedded default recipe
+  velo-scale train --gin_file recipes/digits_mlp.gin --workdir runs/digits
+  velo-scale compare runs/default runs/digits
+  velo-scale train --help                        # more on training
+"""
+TRAIN_DESCRIPTION = """\
+Trains one run from gin files (velo_scale.train.train bound by gin). Without
+--gin_file it runs the embedded default recipe: an MLP on Fashion-MNIST with
+VeLO. --gin_file takes a path, or a path inside velo_scale's own configs from
+any directory (recipes/x.gin, gin_configs/optimizers/adamw.gin, or
+velo_scale:optimizers/adamw.gin); `velo-scale configs` lists them. With
+--workdir the run writes metrics.jsonl, TensorBoard events, checkpoints,
+config.json and curves.png there, and the same command resumes it."""
+TRAIN_EPILOG = """\
+examples:
+  velo-scale train --workdir runs/default
+  velo-scale train --gin_file recipes/digits_mlp.gin --workdir runs/digits
+  velo-scale train --gin_file recipes/digits_mlp.gin \\
+      --gin_file gin_configs/optimizers/adamw.gin --workdir runs/digits_adamw
+  velo-scale train --gin_file recipes/digits_mlp.gin \\
+      --gin_param 'train.num_steps = 100' --gin_param "train.data = 'digits'"
+
+gin values are Python literals: quote strings (x = 'value').
+"""
+
+
+def run_configs() -> int:
+    """Prints where the shipped gin files are, and their names."""
+    root = config_root()
+    if root is None:
+        print("velo_scale's gin_configs/ and recipes/ are not installed.")
+        return 1
+    print(f"velo_scale configs: {root} (pass --gin_search_paths={root} to T5X)")
+    for d in CONFIG_DIRS:
+        for path in sorted((root / d).rglob("*.gin")):
+            print(f"  {path.relative_to(root)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from velo_scale import __version__
+
     parser = argparse.ArgumentParser(
-        prog="velo-scale", description="VeLO training tools."
+        prog="velo-scale",
+        description="VeLO training tools: train with gin recipes, meta-train "
+        "VeLO weights, evaluate, plot and compare runs.",
+        epilog=MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"velo-scale {__version__}"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train from gin files (default: embedded recipe)")
+    tr = sub.add_parser(
+        "train",
+        help="train from gin files (default: embedded recipe)",
+        description=TRAIN_DESCRIPTION,
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     tr.add_argument(
         "--gin_file", action="append", default=[], help="gin file (repeatable)"
     )
     tr.add_argument(
         "--gin_param", action="append", default=[], help="gin binding (repeatable)"
     )
-    tr.add_argument("--workdir", default=None, help="metrics, checkpoints, curves")
+    tr.add_argument(
+        "--workdir",
+        default=None,
+        help="metrics, checkpoints, curves.png; resumes a run (none: nothing saved)",
+    )
     tr.add_argument(
         "--multihost",
         action="store_true",
@@ -275,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--labels", default=None, help="comma-separated run labels")
     cp = sub.add_parser("compare", help="table of final metrics of runs")
     cp.add_argument("workdirs", nargs="+")
+    sub.add_parser(
+        "configs",
+        help="where velo_scale's gin_configs/ and recipes/ are, and their files",
+    )
     ev = sub.add_parser(
         "eval", help="held-out suite: VeLO vs tuned AdamW / NAdamW (EVAL.md)"
     )
@@ -306,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_meta_train(args)
         if args.command == "eval":
             return run_eval(args)
+        if args.command == "configs":
+            return run_configs()
         from velo_scale.train import reports
 
         if args.command == "plot":

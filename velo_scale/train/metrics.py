@@ -32,6 +32,19 @@ METRICS_FILE = "metrics.jsonl"
 NONFINITE_SUFFIX = "_nonfinite"
 RESERVED_KEYS = frozenset({"step", "split", "time"})
 
+# One definition of a run's final train loss and rate, used by the trainer's
+# progress bar and summary line and by `velo-scale compare`.
+FINAL_LOSS_FRACTION = 0.1
+FINAL_LOSS_LABEL = "train loss (mean of last 10% of steps)"
+RATE_LABEL = "steps/s (after compilation)"
+# Train-row metric: seconds of a process's first step (compilation included).
+COMPILE_KEY = "first_step_s"
+
+
+def final_loss_window(num_steps: int) -> int:
+    """How many of the last steps the final train loss averages (>= 1)."""
+    return max(1, round(FINAL_LOSS_FRACTION * num_steps))
+
 NO_TENSORBOARDX_MSG = (
     "MetricsWriter(tensorboard=True) needs the `tensorboardX` package, which is "
     "not installed (`pip install tensorboardX`); writing metrics.jsonl only."

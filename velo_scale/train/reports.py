@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,8 +23,10 @@ CONFIG_FILE = "config.json"
 TRAIN_SPLIT = "train"
 EVAL_SPLIT = "eval"
 MISSING = "-"
-# Fraction of the last train rows averaged into "final train loss".
-FINAL_FRACTION = 0.1
+# Fraction of the last train rows averaged into the final train loss.
+FINAL_FRACTION = metrics_lib.FINAL_LOSS_FRACTION
+# A loss axis is log-scale when its values span at least this factor.
+LOG_SPAN = 5.0
 
 NO_MATPLOTLIB_MSG = (
     "plot_runs needs matplotlib, which is not installed: `pip install matplotlib`."
@@ -125,9 +128,79 @@ def _is_loss(name: str) -> bool:
     return "loss" in name.lower()
 
 
-def _set_log_if_positive(ax: Any, values: Sequence[float]) -> None:
-    if values and min(values) > 0:
-        ax.set_yscale("log")
+# Eval metrics where a higher value is better / lower is better (by name).
+_HIGHER_IS_BETTER = ("accuracy", "auc", "map", "bleu", "ssim", "return", "psnr")
+_LOWER_IS_BETTER = ("loss", "error", "wer", "cer", "perplexity")
+
+
+def _direction(name: str) -> str:
+    """" (higher is better)", " (lower is better)" or "" for a metric name."""
+    lowered = name.lower()
+    if any(k in lowered for k in _LOWER_IS_BETTER):
+        return " (lower is better)"
+    if any(k in lowered for k in _HIGHER_IS_BETTER):
+        return " (higher is better)"
+    return ""
+
+
+def _use_log_scale(name: str, values: Sequence[float]) -> bool:
+    """Log scale for a loss that spans at least a factor LOG_SPAN; a narrow
+    range reads better on a linear axis."""
+    return (
+        _is_loss(name)
+        and bool(values)
+        and min(values) > 0
+        and max(values) / min(values) >= LOG_SPAN
+    )
+
+
+def _read_config(workdir: str | os.PathLike) -> Mapping[str, Any]:
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # _optimizer_name warns about it
+    return config if isinstance(config, Mapping) else {}
+
+
+def run_description(workdir: str | os.PathLike) -> dict[str, str]:
+    """What `config.json` says about a run, as short strings: "recipe" (the
+    gin files the CLI was given, or its embedded default), "data",
+    "optimizer", "weights" (VeLO's `velo.weights` binding), "model"
+    (the workload's name). Absent entries are left out."""
+    config = _read_config(workdir)
+    out: dict[str, str] = {}
+    gin_config = config.get("config", {}) if isinstance(config, Mapping) else {}
+    if not isinstance(gin_config, Mapping):
+        gin_config = {}
+    files = gin_config.get("gin_files")
+    if isinstance(files, list) and files:
+        out["recipe"] = " + ".join(os.path.basename(str(f)) for f in files)
+    if config.get("data") is not None:
+        out["data"] = str(config["data"])
+    optimizer = _optimizer_name(workdir) if config else None
+    if optimizer:
+        out["optimizer"] = optimizer
+    gin_text = str(gin_config.get("gin", ""))
+    match = re.search(r"^velo\.weights\s*=\s*(.+)$", gin_text, re.MULTILINE)
+    if optimizer == "velo":
+        out["weights"] = match.group(1).strip() if match else "default"
+    if config.get("workload") is not None:
+        out["model"] = str(config["workload"])
+    return out
+
+
+def _figure_title(descriptions: Sequence[Mapping[str, str]]) -> str:
+    """The entries every run shares, e.g. "recipe default.gin | data
+    fashion_mnist | optimizer velo | weights 'auto'"."""
+    parts = []
+    for key in ("recipe", "data", "model", "optimizer", "weights"):
+        values = {d.get(key) for d in descriptions}
+        if len(values) == 1 and None not in values:
+            parts.append(f"{key} {values.pop()}")
+    return " | ".join(parts)
 
 
 def _check_workdirs(workdirs: Sequence[str | os.PathLike]) -> None:
@@ -148,21 +221,25 @@ def plot_runs(
     metric: str = "loss",
     smoothing: float = 0.9,
 ) -> None:
-    """Plots train and eval curves of several runs side by side into a PNG.
+    """Plots train and eval curves of several runs into a PNG, one small panel
+    per metric.
 
-    Left panel: the train `metric` against step, raw (thin, light) and smoothed
-    by a debiased EMA (same colour). Right panel: every metric of the eval rows
-    against step; loss-like metrics (name contains "loss") on a log-scale left
-    axis, the others (e.g. accuracy) on a linear right axis, one line style per
-    metric. One colour per run. Loss axes are log-scale when all values are
-    positive. Non-finite values are left out of the curves.
+    First panel: the train `metric` against step, raw (thin, light) and
+    smoothed by a debiased EMA (same colour), with the legend of runs. Then one
+    panel per eval metric (loss, accuracy, error, mAP, BLEU, WER, SSIM, ...),
+    titled with the metric's name and whether higher or lower is better. One
+    colour per run. A run with a single evaluation is drawn as a marker
+    labelled with its value. Loss axes are log-scale when the values are
+    positive and span at least a factor `LOG_SPAN`, linear otherwise.
+    Non-finite values are left out. The figure's title names what every run
+    shares in its config.json: recipe, data, model, optimizer, VeLO weights.
 
     Args:
       workdirs: run directories, each with a metrics.jsonl.
       out_png: where to write the PNG; parent directories are created.
       labels: one legend label per run; by default the directory's name plus
         the optimizer from its config.json, e.g. "run1 (velo)".
-      metric: the train metric of the left panel.
+      metric: the train metric of the first panel.
       smoothing: EMA weight in [0, 1) of the smoothed train curve.
 
     Raises:
@@ -192,16 +269,38 @@ def plot_runs(
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-        from matplotlib.lines import Line2D
+        from matplotlib.ticker import LogFormatter
     except ImportError as e:
         raise ImportError(NO_MATPLOTLIB_MSG) from e
 
+    class PlainLogFormatter(LogFormatter):
+        """Matplotlib's choice of labelled log ticks, written 0.3, 2."""
+
+        def _num_to_string(self, x, vmin, vmax):
+            return f"{x:g}"
+
+    def log_y(ax) -> None:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+
+    eval_names: dict[str, None] = {}
+    for rows in runs:
+        eval_names.update(dict.fromkeys(_metric_names(rows, EVAL_SPLIT)))
+    # Losses first, then the workload's own metrics in the order written.
+    ordered = [n for n in eval_names if _is_loss(n)]
+    ordered += [n for n in eval_names if not _is_loss(n)]
+    num_panels = 1 + len(ordered)
+    ncols = 2 if num_panels == 4 else min(num_panels, 3)
+    nrows = math.ceil(num_panels / ncols)
+
     # A bare Figure on the Agg canvas: no pyplot global state, no GUI backend.
-    fig = Figure(figsize=(13, 5), layout="constrained")
+    fig = Figure(figsize=(4.6 * ncols, 3.4 * nrows + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_train, ax_eval = fig.subplots(1, 2)
+    axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(num_panels)]
     colours = [f"C{i % 10}" for i in range(len(runs))]
 
+    ax_train = axes[0]
     train_values: list[float] = []
     for rows, label, colour in zip(runs, labels, colours):
         steps, values = _series(rows, TRAIN_SPLIT, metric)
@@ -210,74 +309,50 @@ def plot_runs(
         train_values += values
         ax_train.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
         ax_train.plot(steps, _ema(values, smoothing), color=colour, label=label)
-    ax_train.set_title(f"train {metric}")
+    ax_train.set_title(f"train {metric} (raw and smoothed)", fontsize="medium")
     ax_train.set_xlabel("step")
     ax_train.set_ylabel(metric)
-    if _is_loss(metric):
-        _set_log_if_positive(ax_train, train_values)
+    if _use_log_scale(metric, train_values):
+        log_y(ax_train)
     if train_values:
-        ax_train.legend(loc="best")
+        ax_train.legend(loc="best", fontsize="small")
     else:
         ax_train.text(
-            0.5,
-            0.5,
-            f"no train {metric!r} rows",
-            ha="center",
+            0.5, 0.5, f"no train {metric!r} rows", ha="center",
             transform=ax_train.transAxes,
-        )
+        )  # fmt: skip
     ax_train.grid(True, which="both", alpha=0.3)
 
-    eval_names: dict[str, None] = {}
-    for rows in runs:
-        eval_names.update(dict.fromkeys(_metric_names(rows, EVAL_SPLIT)))
-    loss_names = [n for n in eval_names if _is_loss(n)]
-    other_names = [n for n in eval_names if not _is_loss(n)]
-    styles = ["-", "--", ":", "-."]
-    ax_other = ax_eval.twinx() if loss_names and other_names else ax_eval
-    style_of = {n: styles[i % len(styles)] for i, n in enumerate(eval_names)}
-    loss_values: list[float] = []
-    for rows, colour in zip(runs, colours):
-        for name in eval_names:
+    for ax, name in zip(axes[1:], ordered):
+        values_here: list[float] = []
+        for rows, colour in zip(runs, colours):
             steps, values = _series(rows, EVAL_SPLIT, name)
             if not steps:
                 continue
-            ax = ax_eval if _is_loss(name) else ax_other
-            ax.plot(
-                steps,
-                values,
-                color=colour,
-                linestyle=style_of[name],
-                marker="o",
-                markersize=3,
-            )
-            if _is_loss(name):
-                loss_values += values
-    ax_eval.set_title("eval")
-    ax_eval.set_xlabel("step")
-    if loss_names:
-        ax_eval.set_ylabel(", ".join(loss_names))
-        _set_log_if_positive(ax_eval, loss_values)
-    if other_names:
-        ax_other.set_ylabel(", ".join(other_names))
-    ax_eval.grid(True, which="both", alpha=0.3)
-    if eval_names:
-        handles = [
-            Line2D([], [], color=colour, label=label)
-            for label, colour in zip(labels, colours)
-        ] + [
-            Line2D([], [], color="0.3", linestyle=style_of[n], label=n)
-            for n in eval_names
-        ]
-        # Below the panel: "best" cannot see the lines of a twin axis.
-        ax_eval.legend(
-            handles=handles,
-            loc="upper center",
-            bbox_to_anchor=(0.5, -0.12),
-            ncol=min(len(handles), 4),
-            fontsize="small",
+            values_here += values
+            if len(steps) == 1:
+                ax.plot(steps, values, color=colour, marker="o", markersize=7,
+                        linestyle="none")  # fmt: skip
+                ax.annotate(
+                    f"{values[0]:.4g}", (steps[0], values[0]),
+                    textcoords="offset points", xytext=(6, 4), color=colour,
+                    fontsize="small",
+                )  # fmt: skip
+            else:
+                ax.plot(steps, values, color=colour, marker="o", markersize=3)
+        ax.set_title(f"eval {name}{_direction(name)}", fontsize="medium")
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        if _use_log_scale(name, values_here):
+            log_y(ax)
+        ax.grid(True, which="both", alpha=0.3)
+    if not ordered:
+        ax_train.set_title(
+            f"train {metric} (raw and smoothed; no eval rows)", fontsize="medium"
         )
-    else:
-        ax_eval.text(0.5, 0.5, "no eval rows", ha="center", transform=ax_eval.transAxes)
+    title = _figure_title([run_description(d) for d in workdirs])
+    if title:
+        fig.suptitle(title, fontsize="medium")
 
     out = pathlib.Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -299,14 +374,59 @@ def _last(rows: Sequence[Row], split: str, name: str) -> float | None:
     return None
 
 
-def _summary(workdir: str | os.PathLike) -> list[str]:
-    rows = _load_rows(workdir)
+def _final_train_loss(train: Sequence[Row]) -> float | None:
+    """Mean train loss of the last 10% of the train rows (at least one).
+
+    Rows of steps the trainer skipped (`skipped` = 1: a non-finite loss,
+    gradient or update, params unchanged) are left out, as the trainer's
+    summary leaves them out; any other non-finite loss makes the mean nan, so
+    a divergence is not averaged away."""
+    losses = [
+        v
+        for r in train
+        if not _value(r, "skipped") and (v := _value(r, "loss")) is not None
+    ]
+    if not losses:
+        return None
+    tail = losses[-metrics_lib.final_loss_window(len(losses)) :]
+    return math.fsum(tail) / len(tail)  # nan if the run diverged.
+
+
+def _rate_and_compile(train: Sequence[Row]) -> tuple[float | None, float | None]:
+    """(steps/s after compilation, seconds of first steps).
+
+    The rate counts the steps between consecutive train rows over the time
+    between them, except across a row that carries `first_step_s` (the first
+    step of a process: compilation, and for a resumed run the downtime before
+    it). The second value sums `first_step_s` over the run's starts."""
+    steps = seconds = 0.0
+    compile_s: float | None = None
+    for prev, row in zip(train, train[1:]):
+        if _value(row, metrics_lib.COMPILE_KEY) is not None:
+            continue
+        if row["time"] > prev["time"] and row["step"] > prev["step"]:
+            steps += row["step"] - prev["step"]
+            seconds += row["time"] - prev["time"]
+    for row in train:
+        value = _value(row, metrics_lib.COMPILE_KEY)
+        if value is not None and math.isfinite(value):
+            compile_s = (compile_s or 0.0) + value
+    return (steps / seconds if seconds > 0 else None), compile_s
+
+
+def _eval_columns(runs: Sequence[Sequence[Row]]) -> list[str]:
+    """Eval metric names over all runs: losses first, then the rest in the
+    order written (accuracy, mAP, BLEU, WER, SSIM, ...)."""
+    names: dict[str, None] = {}
+    for rows in runs:
+        names.update(dict.fromkeys(_metric_names(rows, EVAL_SPLIT)))
+    return [n for n in names if _is_loss(n)] + [n for n in names if not _is_loss(n)]
+
+
+def _summary(
+    workdir: str | os.PathLike, rows: Sequence[Row], eval_names: Sequence[str]
+) -> list[str]:
     train = [r for r in rows if r["split"] == TRAIN_SPLIT]
-    train_losses = [v for r in train if (v := _value(r, "loss")) is not None]
-    final_train = None
-    if train_losses:
-        tail = train_losses[-max(1, round(FINAL_FRACTION * len(train_losses))) :]
-        final_train = math.fsum(tail) / len(tail)  # nan if the run diverged.
     eval_losses = [
         v
         for r in rows
@@ -316,47 +436,58 @@ def _summary(workdir: str | os.PathLike) -> list[str]:
     best_eval = min(finite_eval) if finite_eval else (math.nan if eval_losses else None)
     times = [r["time"] for r in rows]
     wall = max(times) - min(times) if rows else None
-    steps_per_s = None
-    if len(train) >= 2 and train[-1]["time"] > train[0]["time"]:
-        steps_per_s = (train[-1]["step"] - train[0]["step"]) / (
-            train[-1]["time"] - train[0]["time"]
-        )
+    steps_per_s, compile_s = _rate_and_compile(train)
     return [
         _run_name(workdir),
         _optimizer_name(workdir) or MISSING,
         str(max(r["step"] for r in rows)) if rows else MISSING,
-        _fmt(final_train),
+        _fmt(_final_train_loss(train)),
         _fmt(best_eval),
-        _fmt(_last(rows, EVAL_SPLIT, "loss")),
-        _fmt(_last(rows, EVAL_SPLIT, "accuracy")),
+        *(_fmt(_last(rows, EVAL_SPLIT, name)) for name in eval_names),
         _fmt(wall, ".1f"),
+        _fmt(compile_s, ".1f"),
         _fmt(steps_per_s, ".3g"),
     ]
 
 
-COMPARE_COLUMNS = (
+# The table's columns are LEAD_COLUMNS, "final eval <metric>" for every eval
+# metric any of the runs wrote, then TAIL_COLUMNS.
+LEAD_COLUMNS = (
     "run",
     "optimizer",
     "steps",
-    "final train loss",
+    metrics_lib.FINAL_LOSS_LABEL,
     "best eval loss",
-    "final eval loss",
-    "final eval accuracy",
-    "wall time (s)",
-    "steps/s",
 )
+TAIL_COLUMNS = (
+    "wall time (s)",
+    "first step (s, compilation)",
+    metrics_lib.RATE_LABEL,
+)
+
+
+def compare_columns(workdirs: Sequence[str | os.PathLike]) -> list[str]:
+    """The header `compare_runs` writes for these runs."""
+    _check_workdirs(workdirs)
+    names = _eval_columns([_load_rows(d) for d in workdirs])
+    return [*LEAD_COLUMNS, *(f"final eval {n}" for n in names), *TAIL_COLUMNS]
 
 
 def compare_runs(workdirs: Sequence[str | os.PathLike]) -> str:
     """A markdown table comparing runs, one row per run.
 
     Columns: run (directory name), optimizer (config.json "optimizer"), steps
-    (last step logged), final train loss (mean over the last 10% of train rows,
-    at least one; "nan" if any of them is non-finite), best and final eval loss,
-    final eval accuracy, wall time (last minus first row time, seconds, restarts
-    included) and steps/s (train steps between the first and last train rows
-    over the time between them, so compilation before the first row is not
-    counted). A value the run does not have is shown as "-".
+    (last step logged), the train loss as the trainer's summary line defines
+    it (`metrics.FINAL_LOSS_LABEL`: the mean over the last 10% of train rows,
+    at least one, rows of skipped steps left out; "nan" if any other is
+    non-finite), the best eval loss, the final value of every eval metric the
+    runs wrote (loss, accuracy, error and the workloads' own: mAP, AUC, BLEU,
+    WER, CER, SSIM, normalised return, ...), wall time (last minus first row
+    time, seconds, restarts included), the time of the first step of each
+    start (compilation; `first_step_s`), and steps/s after compilation
+    (`metrics.RATE_LABEL`: steps between consecutive train rows over the time
+    between them, not counted across a process's first step). A value the run
+    does not have is shown as "-".
 
     Args:
       workdirs: run directories, each with a metrics.jsonl.
@@ -369,11 +500,14 @@ def compare_runs(workdirs: Sequence[str | os.PathLike]) -> str:
 
     Example:
       >>> print(compare_runs(["runs/velo", "runs/adam"]))  # doctest: +SKIP
-      | run | optimizer | steps | final train loss | ...
+      | run | optimizer | steps | train loss (mean of last 10% of steps) | ...
     """
     _check_workdirs(workdirs)
-    table = [list(COMPARE_COLUMNS), ["---"] * len(COMPARE_COLUMNS)]
-    table += [_summary(d) for d in workdirs]
+    runs = [_load_rows(d) for d in workdirs]
+    eval_names = _eval_columns(runs)
+    header = [*LEAD_COLUMNS, *(f"final eval {n}" for n in eval_names), *TAIL_COLUMNS]
+    table = [header, ["---"] * len(header)]
+    table += [_summary(d, rows, eval_names) for d, rows in zip(workdirs, runs)]
     lines = []
     for cells in table:
         escaped = [c.replace("|", r"\|") for c in cells]
