@@ -45,7 +45,9 @@ def test_training_loss_reaches_update_and_matches_explicit_loss(theta):
     sharded = pax.sharded_velo(NUM_STEPS, weights=theta)
     params, grads = _params(), _grads(_params())
     state = sharded.init(params)
-    want = jax.jit(lambda g, s, p: sharded.update(g, s, p, loss=0.7))(grads, state, params)
+    want = jax.jit(lambda g, s, p: sharded.update(g, s, p, loss=0.7))(
+        grads, state, params
+    )
 
     def step(g, s, p, loss):
         with pax.training_loss(loss):
@@ -162,4 +164,6 @@ def test_specs_of_a_group_without_variables(theta):
     # and the update of that empty group runs
     with pax.training_loss(1.0):
         updates, new_state = sharded.update(empty, state, empty)
-    assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
+    assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(
+        state
+    )

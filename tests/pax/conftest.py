@@ -17,4 +17,6 @@ collect_ignore_glob = [] if PAX_LANE else ["test_*.py"]
 # (jax is not imported yet: tests/conftest.py only sets the device count.)
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 if PAX_LANE and FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE
+    ).strip()

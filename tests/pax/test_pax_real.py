@@ -160,7 +160,9 @@ def _velo_states(opt_states):
 
 def test_loss_decreases(run):
     first, last = np.mean(run.losses[:3]), np.mean(run.losses[-3:])
-    print(f"VeLO through paxml's Learner: loss {run.losses[0]:.3f} -> {run.losses[-1]:.3f}")
+    print(
+        f"VeLO through paxml's Learner: loss {run.losses[0]:.3f} -> {run.losses[-1]:.3f}"
+    )
     assert np.all(np.isfinite(run.losses))
     assert last < first - 0.5, run.losses
 
@@ -181,7 +183,9 @@ def test_the_loss_reaches_velo(run):
 def test_a_plain_learner_does_not_give_velo_the_loss(run):
     """paxml's own Learner calls the optimizer chain without the loss."""
     learner_p = _task_p().train.learner
-    plain_p = pax_fiddle.Config(learners.Learner, name="learner", loss_name="total_loss")
+    plain_p = pax_fiddle.Config(
+        learners.Learner, name="learner", loss_name="total_loss"
+    )
     plain_p.optimizer = learner_p.optimizer
     plain = base_hyperparams.instantiate(plain_p)
     hparams = run.meta.var_weight_hparams["params"]["lm"]["final_ln"]
@@ -224,7 +228,9 @@ def test_state_specs_are_the_params_specs(run):
         for field in ("momentum", "rms"):
             spec_tree = getattr(spec_state, field)
             array_tree = getattr(array_state, field)
-            flat_specs = jax.tree_util.tree_flatten_with_path(spec_tree, is_leaf=_is_spec)[0]
+            flat_specs = jax.tree_util.tree_flatten_with_path(
+                spec_tree, is_leaf=_is_spec
+            )[0]
             flat_arrays = jax.tree_util.tree_leaves(array_tree)
             assert len(flat_specs) == len(flat_arrays)
             for (path, spec), array in zip(flat_specs, flat_arrays):
@@ -236,7 +242,9 @@ def test_state_specs_are_the_params_specs(run):
                 # replicated; the array on the device really is sharded so.
                 if got != padded or array.sharding.spec != spec:
                     differing.append((field, jax.tree_util.keystr(path), got, want))
-    print(f"{compared} state specs compared with their parameters'; {len(differing)} differ")
+    print(
+        f"{compared} state specs compared with their parameters'; {len(differing)} differ"
+    )
     assert compared >= 2 * 20
     assert not differing, differing
     # Some parameters really are sharded over the mesh (not all replicated).

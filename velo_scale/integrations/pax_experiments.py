@@ -40,7 +40,10 @@ VOCAB_SIZE = 256  # bytes
 
 
 def bible_bytes(
-    books: Sequence[str] | None, split: str, *, module: str = bible.ENGLISH,
+    books: Sequence[str] | None,
+    split: str,
+    *,
+    module: str = bible.ENGLISH,
     data_dir: str | None = None,
 ) -> np.ndarray:
     """The verses of `books` in `split` ("train"/"test"), joined by newlines.
@@ -261,4 +264,10 @@ class BibleLmVeLOTiny(BibleLmVeLO):
     EVAL_BATCHES = 2
 
 
-__all__ = ["BibleBytesInput", "BibleLmVeLO", "BibleLmVeLOTiny", "bible_bytes", "lm_task"]
+__all__ = [
+    "BibleBytesInput",
+    "BibleLmVeLO",
+    "BibleLmVeLOTiny",
+    "bible_bytes",
+    "lm_task",
+]

@@ -67,7 +67,9 @@ NO_RECORDED_LOSS_MSG = (
 
 def project_weights() -> pathlib.Path:
     """The meta-trained weights shipped in `velo_scale/project_weights/params`."""
-    return pathlib.Path(str(resources.files("velo_scale") / "project_weights" / "params"))
+    return pathlib.Path(
+        str(resources.files("velo_scale") / "project_weights" / "params")
+    )
 
 
 def resolve_weights(weights: Any) -> Any:
