@@ -156,9 +156,9 @@ def _explain_include_error(error: OSError) -> str:
 
 
 QUOTE_STRINGS_MSG = (
-    "gin values are Python literals: quote strings in gin, x = 'value' "
-    "(on the command line: --gin_param \"train.data = 'fashion_mnist'\"); "
-    "@name refers to a configurable, %NAME to a macro."
+    "quote strings in gin: x = 'value' (gin values are Python literals; on the "
+    "command line: --gin_param \"train.data = 'fashion_mnist'\"; @name refers "
+    "to a configurable, %NAME to a macro)."
 )
 _UNQUOTED = re.compile(r"^\s*([\w./]+)\s*=\s*([A-Za-z_][\w.]*)\s*(#.*)?$")
 
@@ -192,15 +192,34 @@ class _DropPathNotFound:
 
 @contextlib.contextmanager
 def _quiet_include_search():
+    """gin's include search, quiet and robust.
+
+    gin logs "Path not found" for every search path an include is not in, and
+    its package-resource reader treats `gin_configs/runs/cpu.gin` as the module
+    `gin_configs.runs`: where that is a namespace package (the checkout's
+    folder on sys.path) it raises TypeError instead of trying the next search
+    path. Both are undone here, for the parse only."""
     import logging
+
+    from gin import resource_reader
 
     handlers = [logging.getLogger(), *logging.getLogger().handlers]
     quiet = _DropPathNotFound()
+    parse_path = resource_reader._parse_config_path  # noqa: SLF001
+
+    def safe_parse_path(config_path: str) -> str:
+        try:
+            return parse_path(config_path)
+        except TypeError as e:  # a namespace package has no origin
+            raise ValueError("Package not found", config_path) from e
+
+    resource_reader._parse_config_path = safe_parse_path  # noqa: SLF001
     for h in handlers:
         h.addFilter(quiet)
     try:
         yield
     finally:
+        resource_reader._parse_config_path = parse_path  # noqa: SLF001
         for h in handlers:
             h.removeFilter(quiet)
 

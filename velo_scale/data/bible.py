@@ -210,10 +210,14 @@ def verse_pairs(
         path = cache_dir() / f"pairs-{english}-{spanish}-v{CACHE_VERSION}.json.gz"
         if path.exists():
             return [tuple(p) for p in json.loads(gzip.decompress(path.read_bytes()))]
-    src = read_verses(english, books=books, data_dir=data_dir)
-    tgt = read_verses(spanish, books=books, data_dir=data_dir)
-    pairs = [(ref, text, tgt[ref]) for ref, text in src.items() if ref in tgt]
-    if books is None:
+    if books is not None:  # a subset: parsed each time, not cached
+        src = read_verses(english, books=books, data_dir=data_dir)
+        tgt = read_verses(spanish, books=books, data_dir=data_dir)
+        return [(ref, text, tgt[ref]) for ref, text in src.items() if ref in tgt]
+    with cache_lib.preparing(f"Bible verse pairs {english} -> {spanish}", "~1 min"):
+        src = read_verses(english, books=books, data_dir=data_dir)
+        tgt = read_verses(spanish, books=books, data_dir=data_dir)
+        pairs = [(ref, text, tgt[ref]) for ref, text in src.items() if ref in tgt]
         blob = json.dumps(pairs, ensure_ascii=False).encode("utf-8")
         cache_lib.atomic_write_bytes(path, gzip.compress(blob, mtime=0))
     return pairs
@@ -335,8 +339,11 @@ def bible_vocab(
         english=english, spanish=spanish, books=books, data_dir=data_dir
     )
     sentences = [s for ref, en, es in pairs if not is_test_verse(ref) for s in (en, es)]
-    blob = train_sentencepiece(sentences, vocab_size)
-    cache_lib.atomic_write_bytes(path, blob)
+    with cache_lib.preparing(
+        f"the SentencePiece vocabulary ({vocab_size} pieces)", "~1 min"
+    ):
+        blob = train_sentencepiece(sentences, vocab_size)
+        cache_lib.atomic_write_bytes(path, blob)
     return SentencePieceVocab(blob)
 
 

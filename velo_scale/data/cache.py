@@ -10,10 +10,13 @@ interrupted run never leaves a half-written cache file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pathlib
-from collections.abc import Mapping
+import sys
+import time
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -29,6 +32,31 @@ def cache_dir(*parts: str) -> pathlib.Path:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
         root = os.path.join(xdg, "velo_scale")
     return pathlib.Path(root).expanduser().joinpath(*parts)
+
+
+@contextlib.contextmanager
+def preparing(what: str, estimate: str | None = None) -> Iterator[None]:
+    """Says on stderr that `what` is being prepared (first use) and, after,
+    how long it took and where it is cached: the minutes of a first-use
+    preparation are never silent.
+
+    Example:
+      >>> with preparing("B3DB molecules", "~1 min"):  # doctest: +SKIP
+      ...     data = featurise()
+    """
+    hint = f", {estimate}" if estimate else ""
+    print(
+        f"preparing {what} (first use{hint}; cached in {cache_dir()})...",
+        file=sys.stderr,
+        flush=True,
+    )
+    start = time.perf_counter()
+    yield
+    print(
+        f"prepared {what} in {time.perf_counter() - start:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def save_npz_atomic(

@@ -32,7 +32,8 @@ DIGITS_NUM_TRAIN = 1500  # Of 1,797; the remaining 297 are the test split.
 
 SKLEARN_MISSING_MSG = (
     "The 'digits' dataset ships inside scikit-learn, which is not installed. "
-    "Install it with `pip install scikit-learn` (or `pip install velo-scale[test]`)."
+    "Install it with `pip install scikit-learn`, or the `data` extra: "
+    "`pip install -e '.[data]'` in a checkout (`pip install 'velo-scale[data]'`)."
 )
 TFDS_MISSING_MSG = (
     "load_tfds needs tensorflow_datasets (TensorFlow itself is not needed). "

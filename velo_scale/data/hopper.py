@@ -624,7 +624,12 @@ def load_generated(
     config = config or preset()
     path = pathlib.Path(directory or cache_dir()) / generated_file_name(config)
     if not path.exists():
-        generate_hopper_dataset(path, config)
+        with cache_lib.preparing(
+            "Hopper trajectories (an ARS policy is trained and rolled out; "
+            "`python -m velo_scale.data.hopper` does it ahead)",
+            "~5 min",
+        ):
+            generate_hopper_dataset(path, config)
     return read_d4rl(path)
 
 

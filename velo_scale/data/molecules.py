@@ -289,8 +289,9 @@ def load_b3db(
         except (OSError, ValueError):  # A corrupt cache is rebuilt.
             data = None
     if data is None:
-        data = _featurise_b3db(path, max_nodes, max_edges)
-        cache_lib.save_npz_atomic(cache, data)
+        with cache_lib.preparing("B3DB molecules (RDKit featurisation)", "~1 min"):
+            data = _featurise_b3db(path, max_nodes, max_edges)
+            cache_lib.save_npz_atomic(cache, data)
     order = np.random.default_rng(B3DB_SEED).permutation(B3DB_NUM_MOLECULES)
     test_rows = order[: int(round(B3DB_TEST_FRACTION * B3DB_NUM_MOLECULES))]
     in_test = np.isin(data["row"], test_rows)

@@ -299,8 +299,9 @@ def mricron_volume(name: str, data_dir: str | None, image_size: int) -> np.ndarr
     cache = cache_lib.cache_dir("mricron_mri") / f"{key}.npy"
     if cache.exists():
         return np.load(cache)
-    slices = _volume_slices(path, image_size)
-    cache_lib.save_npy_atomic(cache, slices)
+    with cache_lib.preparing(f"MRI slices of {name}"):
+        slices = _volume_slices(path, image_size)
+        cache_lib.save_npy_atomic(cache, slices)
     return slices
 
 

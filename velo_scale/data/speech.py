@@ -373,33 +373,34 @@ def asterisk_utterances(data_dir: str | None = None) -> dict[str, np.ndarray]:
     if cache.exists():
         with np.load(cache) as f:
             return {k: f[k] for k in f.files}
-    transcripts = read_asterisk_transcripts(transcripts_path)
-    missing = [n for n in names if n not in transcripts]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} recordings have no line in {transcripts_path}, e.g. "
-            f"{missing[:3]}; the sounds and transcripts packages do not match."
-        )
-    features, num_samples = [], []
-    for path in wavs:
-        audio = _read_wav(path)
-        num_samples.append(audio.size)
-        features.append(
-            log_mel_filterbank(
-                audio.astype(np.float64) * PCM_SCALE,
-                ASTERISK_SAMPLE_RATE,
-                **ASTERISK_FEATURES,
+    with cache_lib.preparing(f"speech features of {len(wavs)} Asterisk prompts"):
+        transcripts = read_asterisk_transcripts(transcripts_path)
+        missing = [n for n in names if n not in transcripts]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} recordings have no line in {transcripts_path}, e.g. "
+                f"{missing[:3]}; the sounds and transcripts packages do not match."
             )
-        )
-    lengths = [f.shape[0] for f in features]
-    arrays = {
-        "name": np.array(names),
-        "transcript": np.array([transcripts[n] for n in names]),
-        "features": np.concatenate(features, axis=0),
-        "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        "num_samples": np.array(num_samples, np.int64),
-    }
-    cache_lib.save_npz_atomic(cache, arrays)
+        features, num_samples = [], []
+        for path in wavs:
+            audio = _read_wav(path)
+            num_samples.append(audio.size)
+            features.append(
+                log_mel_filterbank(
+                    audio.astype(np.float64) * PCM_SCALE,
+                    ASTERISK_SAMPLE_RATE,
+                    **ASTERISK_FEATURES,
+                )
+            )
+        lengths = [f.shape[0] for f in features]
+        arrays = {
+            "name": np.array(names),
+            "transcript": np.array([transcripts[n] for n in names]),
+            "features": np.concatenate(features, axis=0),
+            "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            "num_samples": np.array(num_samples, np.int64),
+        }
+        cache_lib.save_npz_atomic(cache, arrays)
     return arrays
 
 
