@@ -149,7 +149,15 @@ def git_head(path: pathlib.Path) -> str:
         capture_output=True,
         text=True,
     )
-    return result.stdout.strip() or "unknown (not a git checkout)"
+    head = result.stdout.strip()
+    if not head:
+        return "unknown (not a git checkout)"
+    status = subprocess.run(
+        ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    )
+    return head + (" + uncommitted changes" if status.stdout.strip() else "")
 
 
 def main_guard(main: Callable[[Sequence[str] | None], int]) -> None:
