@@ -194,3 +194,35 @@ def test_first_use_preparation_is_announced(capsys):
     err = capsys.readouterr().err
     assert "preparing B3DB molecules (first use, ~1 min; cached in" in err
     assert "prepared B3DB molecules in" in err
+
+
+def test_progress_lines_for_logs_and_bar_for_terminals():
+    import io
+
+    from velo_scale.train.progress import ProgressBar
+
+    log = io.StringIO()  # not a TTY: plain lines
+    bar = ProgressBar(True, 0, 100, first_message="compiling the train step...",
+                      stream=log)  # fmt: skip
+    bar.update(loss=9.0)  # the first step, compilation included
+    for _ in range(99):
+        bar.update(loss=1.0)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert lines[0] == "compiling the train step... (step 1 of 100)"
+    assert lines[1].startswith("first step done in")
+    assert lines[-1].startswith("step 100/100, loss 1.0000")
+    assert 15 <= len(lines) <= 25  # every 5% of the run, not every step
+    assert all("h " not in line for line in lines)  # no hours-long ETA
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    bar = ProgressBar(True, 0, 10, stream=tty)
+    for _ in range(10):
+        bar.update(loss=1.0)
+    bar.close()
+    assert "10/10" in tty.getvalue() and "\r" in tty.getvalue()  # tqdm
