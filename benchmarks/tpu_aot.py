@@ -22,14 +22,16 @@ Per chip (one device's SPMD program) it prints:
 * bytes accessed / param and flops / param: `compiled.cost_analysis()`, divided
   by the number of parameter elements one chip holds (its shards);
 * temp B/param: `compiled.memory_analysis().temp_size_in_bytes`, same divisor;
-* lower s and compile s: wall time of `.lower()` and of `.compile()`, VeLO and
-  AdamW in the same process, one after the other;
+* lower s and compile s: wall time of `.lower()` and of `.compile()`, and the
+  compile's process CPU time (all threads; on a loaded host the figure that
+  repeats), VeLO and AdamW in the same process, one after the other;
 * the largest collective of the compiled HLO (all-reduce, all-gather,
   reduce-scatter, all-to-all, collective-permute; element count of its
   largest buffer) and how many of each kind;
 * the number of fusions (XLA kernels) and the passes they make over the
   parameters (element-weighted, see `analyse_hlo`), of which reductions:
-  where the bytes go.
+  where the bytes go; `--kernels` lists the kernels over the largest tensor
+  (`kernel_breakdown`), `--dump-hlo DIR` writes each compiled HLO.
 
 Pallas (Mosaic) custom calls: `cost_analysis()` counts 0 bytes for them; their
 operand and result bytes are read from the HLO and added to "bytes accessed"
@@ -40,6 +42,8 @@ Trees (`--trees`, comma separated):
   transformer     update_step.py's transformer-like tree (196 tensors, 17.6M)
   transformer_L<n> the same with n blocks (16 tensors per block)
   depth           transformer_L6, transformer (12), transformer_L24, transformer_L48
+                  (VeLO at 48 blocks needs ~30 GB of host memory to compile
+                  with the code of 2026-12-01)
   t5_base         T5 v1.1 base-like, unscanned: 12 encoder + 12 decoder blocks,
                   d_model 768, gated d_ff 2048, 12 heads x 64, vocab 32128,
                   untied logits (282 tensors, 247.6M params)
@@ -53,10 +57,11 @@ Usage:
       [--json out.json] [--fit] [--from-json a.json[,b.json]] [--dump-hlo DIR]
       [--kernels]
 
-`--fit` least-squares fits the VeLO paper's App. B.7 cost model
+`--fit` fits the VeLO paper's App. B.7 cost model
 `cost = c0 + c_tensor * n_tensors + c_param * n_params` (per chip) to bytes
-accessed, flops and compile seconds, for each optimizer, over the trees
-measured (or read with `--from-json`).
+accessed, flops, temp bytes and compile seconds, for each optimizer, over the
+trees measured (or read with `--from-json`): least squares of the relative
+residuals, since the trees span 1M to 250M parameters.
 """
 
 from __future__ import annotations
@@ -245,7 +250,6 @@ def default_mesh_shape(n: int) -> tuple[int, int]:
 
 
 def make_mesh(topology: str, mesh_shape: tuple[int, int] | None):
-    import jax
     from jax.experimental import mesh_utils, topologies
     from jax.sharding import Mesh
 
@@ -260,7 +264,6 @@ def make_mesh(topology: str, mesh_shape: tuple[int, int] | None):
         grid = mesh_utils.create_device_mesh(shape, devices)
     except Exception:  # noqa: BLE001 - any layout the helper refuses
         grid = np.array(devices).reshape(shape)
-    del jax
     return Mesh(grid, ("fsdp", "tensor"))
 
 
@@ -334,11 +337,9 @@ def compile_step(
     if dump_hlo is not None:
         dump_hlo.mkdir(parents=True, exist_ok=True)
         (dump_hlo / f"{tree_name or 'tree'}_{opt_name}.hlo.txt").write_text(hlo)
-    largest_shard = max(int(np.prod(param_sh[n].shard_shape(x.shape))) for n, x in shapes.items())
-
-    local = 0  # parameter elements held by one chip
-    for n, s in shapes.items():
-        local += int(np.prod(param_sh[n].shard_shape(s.shape)))
+    shard_sizes = [int(np.prod(param_sh[n].shard_shape(x.shape))) for n, x in shapes.items()]
+    local = sum(shard_sizes)  # parameter elements held by one chip
+    largest_shard = max(shard_sizes)
     n_params = sum(int(np.prod(s.shape)) for s in shapes.values())
     analysis = analyse_hlo(hlo, local)
     bytes_accessed = float(cost.get("bytes accessed", float("nan")))
