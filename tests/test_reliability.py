@@ -493,6 +493,23 @@ def test_trainer_falls_back_for_every_file_kind(tmp_path, tr_two_checkpoints, ho
         )
 
 
+def test_trainer_init_from_skips_a_corrupt_checkpoint(tmp_path, tr_two_checkpoints):
+    """`init_from` reads the newest checkpoint that verifies (step 2 here, step
+    4 being damaged), with a warning, and leaves the directory as it is."""
+    from velo_scale.train.checkpoint import restore_params
+
+    pristine, _ = tr_two_checkpoints
+    ckpts = tmp_path / "run" / "checkpoints"
+    shutil.copytree(pristine / "checkpoints", ckpts)
+    data_file = sorted((ckpts / "4/default/ocdbt.process_0/d").iterdir())[0]
+    _tr_mutate(data_file, "flip", np.random.default_rng(3))
+    want = _tr_restore_all(pristine)[2]["params"]
+    with pytest.warns(RuntimeWarning, match="skipping checkpoint step 4"):
+        got = restore_params(ckpts, jax.tree_util.tree_map(jnp.asarray, want))
+    _tr_assert_identical_tree(got, want)
+    assert (ckpts / "4").is_dir()
+
+
 def test_trainer_restores_checkpoints_of_older_versions_unverified_with_a_warning(
     tmp_path, tr_two_checkpoints
 ):

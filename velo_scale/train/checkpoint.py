@@ -291,7 +291,9 @@ def _has_post_finalization_callback() -> bool:
 
 
 def restore_params(directory: str | os.PathLike, target_params: Any) -> Any:
-    """The params of the latest checkpoint under `directory` (for `init_from`).
+    """The params of the latest intact checkpoint under `directory` (for
+    `init_from`); steps whose checksum manifest fails are skipped with a
+    warning (nothing in `directory` is changed).
 
     Args:
       directory: a run's checkpoint directory.
@@ -300,9 +302,23 @@ def restore_params(directory: str | os.PathLike, target_params: Any) -> Any:
     """
     path = pathlib.Path(directory).expanduser().absolute()
     manager = ocp.CheckpointManager(path)
-    step = manager.latest_step()
+    step = None
+    for candidate in sorted(manager.all_steps(), reverse=True):
+        step_dir = path / str(candidate)
+        if manifest_lib.has_manifest(step_dir) or (path / MANIFESTED_FLAG).exists():
+            if reason := manifest_lib.verify_manifest(step_dir):
+                warnings.warn(
+                    f"init_from={str(path)!r}: skipping checkpoint step {candidate}: "
+                    f"{reason}.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
+        step = candidate
+        break
     if step is None:
-        raise CheckpointError(f"init_from={str(path)!r} holds no complete checkpoint.")
+        manager.close()
+        raise CheckpointError(f"init_from={str(path)!r} holds no intact checkpoint.")
     restored = manager.restore(step, args=ocp.args.StandardRestore())
     manager.close()
     params = restored["params"] if isinstance(restored, dict) else restored.params
