@@ -6,6 +6,8 @@
   velo-scale plot DIR [DIR ...] -o curves.png
   velo-scale compare DIR [DIR ...]
   velo-scale eval --gin_file gin_configs/eval/heldout.gin --weights auto --out EVAL.md
+  velo-scale configs          # where the shipped gin_configs/ and recipes/ are
+  velo-scale --version
 
 This is the only module that reads flags and gin; it binds
 `velo_scale.train.train` and the optimizer/model factories by name.
