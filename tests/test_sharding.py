@@ -349,7 +349,7 @@ def test_readme_sharded_example(theta, monkeypatch):
 
 def _fsdp_tp_tree(d=256, mlp=1024, heads=4, head_dim=128, vocab=512, layers=2):
     """A T5X/MaxText-like tree and its FSDP x TP specs (embed on 'data', mlp /
-    heads / vocab on 'model'), every tensor at least 16K elements per device."""
+    heads / vocab on 'model'), every matrix at least 16K elements per device."""
     shapes = {"embed": ((vocab, d), P("model", "data")), "norm": ((d,), P("data"))}
     for i in range(layers):
         shapes |= {
@@ -372,7 +372,7 @@ def test_fsdp_tp_update_has_only_small_all_reduces(tx):
     axis is an all-reduce of its v_row/v_col shard, here at most 256 rows x 3
     decays = 768 elements (the code at 4b07bfb: 14 of 128-384 elements, the
     rest 1-6); per-tensor statistics are a few floats per tensor (all
-    tensors' 30 channels in one all-reduce would be 330). Every sharded
+    tensors' 30 channels in one all-reduce would be 360). Every sharded
     matrix holds >= 16,384 elements per device, so 4096 is 4x below any
     parameter shard and >= 32x below any whole matrix: a parameter-sized
     all-reduce (e.g. a replicated update) fails.
