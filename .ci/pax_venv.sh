@@ -7,7 +7,7 @@
 # velo_scale's minimum pins and praxis' own pinned dependencies
 # (.ci/pax-requirements.txt), then praxis, paxml and seqio with --no-deps
 # (.ci/pax-requirements-nodeps.txt; pip prints a resolver complaint there and
-# exits 0). The venv (~2.7 GB, ~2-4 min cold) is cached as
+# exits 0). The venv (~2.7 GB; ~6 min cold measured on a loaded 2-core box) is cached as
 # $VELO_SCALE_CACHE/pax-venv-<hash of both files> (default cache
 # ~/.cache/velo_scale); $VELO_SCALE_PAX_VENV overrides the path. velo_scale
 # itself is reinstalled (--no-deps) from this checkout on every call.
