@@ -96,3 +96,63 @@ def test_accumulated_horizon_is_in_velo_steps(theta):
     assert int(new.num_steps) == 100  # k = 6: 600 calls are 100 VeLO steps
     new = velo_scale.extend_horizon(state, 450, "increase", max_training_steps=100)
     assert int(new.num_steps) == 90  # k = 5, 450 // 5
+
+
+# --- the trainer's train.continuation --------------------------------------------
+
+
+def _train_velo(workdir, num_steps, reference_dir, **kw):
+    from velo_scale.models import MLP
+    from velo_scale.train import optimizers, train
+
+    weights = str(reference_dir / "theta_perturbed.msgpack")
+    return train(
+        model=MLP(hidden=(16,)),
+        optimizer=lambda num_steps: optimizers.velo(num_steps, weights=weights),
+        num_steps=num_steps,
+        data="digits",
+        batch_size=32,
+        mesh_shape=(1, 1),
+        workdir=workdir,
+        progress=False,
+        **kw,
+    )
+
+
+def _velo_state(result):
+    return result.state.opt_state
+
+
+def test_trainer_continuation(tmp_path, reference_dir):
+    from velo_scale.train import ConfigMismatchError
+    from velo_scale.train import run_config
+
+    first = _train_velo(tmp_path / "inc", 4, reference_dir)
+    assert int(_velo_state(first).num_steps) == 4
+    # An unannounced horizon change is an error naming the three methods.
+    with pytest.raises(ConfigMismatchError, match="'naive' \\| 'increase' \\| 'reset'"):
+        _train_velo(tmp_path / "inc", 8, reference_dir)
+    with pytest.raises(ValueError, match="train.continuation must be one of"):
+        _train_velo(tmp_path / "inc", 8, reference_dir, continuation="double")
+    out = _train_velo(tmp_path / "inc", 8, reference_dir, continuation="increase")
+    state = _velo_state(out)
+    assert int(out.state.step) == 8
+    assert int(state.num_steps) == 8 and int(state.iteration) == 8
+    assert run_config.read_continuations(tmp_path / "inc") == [
+        {"at_step": 4, "num_steps": 8, "method": "increase"}
+    ]
+    # Re-running the continued run is complete; the continuation is not redone.
+    again = _train_velo(tmp_path / "inc", 8, reference_dir, continuation="increase")
+    assert int(again.state.step) == 8
+    assert len(run_config.read_continuations(tmp_path / "inc")) == 1
+
+    _train_velo(tmp_path / "reset", 4, reference_dir)
+    out = _train_velo(tmp_path / "reset", 10, reference_dir, continuation="reset")
+    state = _velo_state(out)
+    # 6 remaining steps, all taken after the reset.
+    assert int(state.num_steps) == 6 and int(state.iteration) == 6
+
+    _train_velo(tmp_path / "naive", 4, reference_dir)
+    out = _train_velo(tmp_path / "naive", 6, reference_dir, continuation="naive")
+    state = _velo_state(out)
+    assert int(state.num_steps) == 4 and int(state.iteration) == 6

@@ -231,3 +231,48 @@ def write_config(workdir: str | os.PathLike, record: Mapping[str, Any]) -> None:
     tmp = path.with_name(f"{CONFIG_FILE}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=2, default=str))
     os.replace(tmp, path)
+
+
+CONTINUATIONS_FILE = "continuations.json"
+
+
+def read_continuations(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The continuations applied to the workdir's run, oldest first.
+
+    Each entry: `{"at_step": the step resumed from, "num_steps": the new
+    total, "method": 'naive' | 'increase' | 'reset'}`."""
+    path = pathlib.Path(workdir) / CONTINUATIONS_FILE
+    if not path.exists():
+        return []
+    try:
+        entries = json.loads(path.read_text())
+        if not isinstance(entries, list):
+            raise ValueError("not a JSON list")
+    except (OSError, ValueError) as e:
+        raise ConfigMismatchError(
+            f"{path} cannot be read ({e}); it records how this run was continued "
+            "past its horizon. Restore it, or use a new --workdir."
+        ) from None
+    return entries
+
+
+def record_continuation(
+    workdir: str | os.PathLike, at_step: int, num_steps: int, method: str
+) -> None:
+    """Appends one continuation to `continuations.json` (atomically)."""
+    entries = read_continuations(workdir)
+    entries.append({"at_step": int(at_step), "num_steps": int(num_steps), "method": method})
+    path = pathlib.Path(workdir) / CONTINUATIONS_FILE
+    tmp = path.with_name(f"{CONTINUATIONS_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(entries, indent=2))
+    os.replace(tmp, path)
+
+
+def effective_record(
+    saved: Mapping[str, Any], continuations: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """`config.json`'s record with `num_steps` of the latest continuation."""
+    record = dict(saved)
+    if continuations:
+        record["num_steps"] = continuations[-1]["num_steps"]
+    return record

@@ -155,6 +155,7 @@ def train(
     log_every: int = 1,
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
+    continuation: str | None = None,
 ) -> TrainResult:
     """Trains a workload (or `model` as an image classifier).
 
@@ -194,6 +195,11 @@ def train(
       log_every: write train metrics every this many steps.
       progress: show a progress bar (tqdm) on stderr.
       config: written to `workdir/config.json` (e.g. the gin config).
+      continuation: how to continue a VeLO run resumed with a larger
+        `num_steps` than it was started with: 'naive', 'increase' or 'reset'
+        (`velo_scale.extend_horizon`; the VeLO paper's Naive / Increase /
+        Reset). Without it such a resume is a `ConfigMismatchError`. Applied
+        once, recorded in `workdir/continuations.json`.
 
     Returns:
       A `TrainResult`.
@@ -237,7 +243,46 @@ def train(
             init_from=init_from, seed=seed, stop_after=stop_after,
             max_nonfinite_steps=max_nonfinite_steps, log_every=log_every,
             progress=progress, config=config, stop=stop,
+            continuation=continuation,
         )  # fmt: skip
+
+
+def _check_continuation(
+    continuation: str | None, optimizer: str, change: Any, num_steps: int
+) -> None:
+    """A continuation needs VeLO, a known method and a longer horizon."""
+    if continuation not in run_config.CONTINUATION_METHODS:
+        raise ValueError(
+            f"train.continuation must be one of {run_config.CONTINUATION_METHODS}; "
+            f"got {continuation!r}."
+        )
+    if optimizer != "velo":
+        raise run_config.ConfigMismatchError(
+            f"train.continuation={continuation!r} continues VeLO's horizon, but the "
+            f"run's optimizer is {optimizer!r}, whose schedule is fixed by "
+            f"num_steps={change.saved}. Use a new --workdir for a run of "
+            f"{num_steps} steps."
+        )
+    if num_steps < int(change.saved):
+        raise run_config.ConfigMismatchError(
+            f"train.continuation extends a run: num_steps={num_steps} is shorter "
+            f"than the run's {change.saved}. Use a new --workdir."
+        )
+
+
+def _extend_horizons(opt_state: Any, num_steps: int, method: str) -> Any:
+    """`extend_horizon` applied to every VeLO state inside `opt_state`."""
+    from velo_scale._src.horizon import extend_horizon
+    from velo_scale._src.state import VeLOState
+
+    def apply(x):
+        if isinstance(x, VeLOState):
+            return extend_horizon(x, num_steps, method)
+        return x
+
+    return jax.tree_util.tree_map(
+        apply, opt_state, is_leaf=lambda x: isinstance(x, VeLOState)
+    )
 
 
 def _train(
@@ -267,6 +312,7 @@ def _train(
     progress,
     config,
     stop: StopOnSignal,
+    continuation: str | None = None,
 ) -> TrainResult:
     """`train` once its directories are locked (see `train`)."""
     if workload is None:
@@ -413,8 +459,18 @@ def _train(
             checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=keep_checkpoints)
         # A resumed workdir must be the same run: checked before any restore.
         saved = run_config.read_config(workdir) if workdir is not None else None
+        continuations: list = []
+        pending = []
         if saved is not None:
-            run_config.check_resume(saved, requested, workdir=workdir)
+            continuations = run_config.read_continuations(workdir)
+            pending = run_config.check_resume(
+                run_config.effective_record(saved, continuations),
+                requested,
+                workdir=workdir,
+                allow=("num_steps",) if continuation else (),
+            )
+            if pending:
+                _check_continuation(continuation, opt.name, pending[0], num_steps)
 
         # Start: the newest intact checkpoint of the run, else fresh (or
         # init_from params).
@@ -432,6 +488,27 @@ def _train(
             iterator.set_state(
                 {"epoch": int(state.data_epoch), "index": int(state.data_index)}
             )
+            # Continuations recorded at or after the restored step were not
+            # in its checkpoint yet (a stop before the next save): apply them
+            # again, then the new one.
+            todo = [c for c in continuations if c["at_step"] >= int(state.step)]
+            if pending:
+                todo.append(
+                    {"at_step": int(state.step), "num_steps": num_steps,
+                     "method": continuation}
+                )  # fmt: skip
+                if primary:
+                    run_config.record_continuation(
+                        workdir, int(state.step), num_steps, continuation
+                    )
+            for c in todo:
+                state = state.replace(
+                    opt_state=_extend_horizons(
+                        state.opt_state, c["num_steps"], c["method"]
+                    )
+                )
+            if todo:
+                state = jax.device_put(state, state_sh)
         else:
             state = jit_init(init_key)
             if init_from is not None:
