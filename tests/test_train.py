@@ -14,6 +14,7 @@ import pytest
 
 from tests.reference_data import CHECKPOINT
 from velo_scale import cli
+from velo_scale._src import weights as weights_lib
 from velo_scale.data import load_dataset
 from velo_scale.models import MLP
 from velo_scale.train import NonFiniteLossError, optimizers, train
@@ -217,7 +218,7 @@ def test_velo_auto_weights_order(monkeypatch, tmp_path, capsys):
     )
     # Nothing at all: a clear error.
     monkeypatch.delenv("VELO_SCALE_WEIGHTS")
-    monkeypatch.setattr(optimizers, "packaged_project_weights", lambda: None)
+    monkeypatch.setattr(weights_lib, "packaged_project_weights", lambda: None)
     with pytest.raises(Exception, match="VELO_SCALE_WEIGHTS"):
         optimizers.velo(10)
 
@@ -229,7 +230,6 @@ def test_project_weights_are_documented():
         (REPO / "velo_scale" / "project_weights" / "params.json").read_text()
     )
     import velo_scale
-    from velo_scale._src import weights as weights_lib
 
     theta = velo_scale.load_weights(REPO / "velo_scale" / "project_weights" / "params")
     assert weights_lib.sha256(theta) == info["sha256"]
@@ -335,7 +335,7 @@ def test_cli_missing_weights_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("VELO_SCALE_WEIGHTS", raising=False)
     monkeypatch.delenv(optimizers.PROJECT_WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("VELO_SCALE_CACHE", str(tmp_path))
-    monkeypatch.setattr(optimizers, "packaged_project_weights", lambda: None)
+    monkeypatch.setattr(weights_lib, "packaged_project_weights", lambda: None)
     assert (
         cli.main(
             [

@@ -23,11 +23,13 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+import sys
 import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
+from importlib import resources
 from typing import Any
 
 import jax
@@ -45,6 +47,9 @@ OFFICIAL_WEIGHTS_URL = (
 )
 OFFICIAL_WEIGHTS_BYTES = 9_282_564
 WEIGHTS_ENV = "VELO_SCALE_WEIGHTS"
+# Weights made by velo_scale's meta-training (`velo_scale.meta`); `"auto"`
+# uses them when the official file is not on this machine.
+PROJECT_WEIGHTS_ENV = "VELO_SCALE_PROJECT_WEIGHTS"
 CACHE_ENV = "VELO_SCALE_CACHE"
 _CACHE_FILE = f"{OFFICIAL_WEIGHTS_NAME}.params"
 _MSGPACK_NDARRAY = 1
@@ -499,3 +504,67 @@ def init_weights(
             value = jax.random.truncated_normal(k, -2.0, 2.0, shape) / np.sqrt(fan_in)
         node[name] = value
     return theta
+
+
+def packaged_project_weights() -> pathlib.Path | None:
+    """The meta-trained weights shipped in `velo_scale/project_weights/`, if any."""
+    path = pathlib.Path(
+        str(resources.files("velo_scale") / "project_weights" / "params")
+    )
+    return path if path.exists() else None
+
+
+def resolve(weights: Any) -> Any:
+    """What `velo(weights=...)` means, as a theta dict (or the dict given).
+
+    Args:
+      weights: `"auto"` (the official file when `$VELO_SCALE_WEIGHTS` or the
+        cache has it, else the project's own weights from
+        `$VELO_SCALE_PROJECT_WEIGHTS` or shipped in the package, with a notice
+        on stderr: works offline); `"official"` or None (`load_weights()`:
+        env, cache, else a download); `"project"` (the shipped project
+        weights); a path or URL; or a theta dict (validated).
+
+    Raises:
+      WeightsError: nothing found, or a bad file; the message says what to set.
+    """
+    if weights is None or weights == "official":
+        return load_weights()
+    if weights == "project":
+        packaged = packaged_project_weights()
+        if packaged is None:
+            raise WeightsError("this install of velo_scale ships no project weights.")
+        return load_weights(packaged)
+    if isinstance(weights, Mapping):
+        validate(weights)
+        return weights
+    if weights != "auto":
+        return load_weights(weights)
+    env = os.environ.get(WEIGHTS_ENV)
+    if env:
+        return load_weights(env)
+    cached = default_cache_path()
+    if cached.exists():
+        return load_weights(cached)
+    project = os.environ.get(PROJECT_WEIGHTS_ENV)
+    if project:
+        return load_weights(project)
+    packaged = packaged_project_weights()
+    if packaged is not None:
+        print(
+            f"velo: no official VeLO weights found (${WEIGHTS_ENV}, {cached}); "
+            f"using velo_scale's own meta-trained weights {packaged} (small "
+            "network, much weaker than the official VeLO; see params.json beside "
+            "it).",
+            file=sys.stderr,
+            flush=True,
+        )
+        return load_weights(packaged)
+    raise WeightsError(
+        "weights='auto' found no VeLO weights: "
+        f"${WEIGHTS_ENV} is unset, the cache {cached} is empty and "
+        f"${PROJECT_WEIGHTS_ENV} (weights made by velo_scale's meta-training) is "
+        "unset. Give the official 'params' file with "
+        f"`export {WEIGHTS_ENV}=/path/to/params`, or weights='official' to "
+        "download it (needs internet), or a path."
+    )

@@ -32,10 +32,6 @@ pieces that work without them.
 from __future__ import annotations
 
 import dataclasses
-import os
-import pathlib
-import sys
-from importlib import resources
 from typing import Any
 
 import jax
@@ -65,13 +61,6 @@ NO_RECORDED_LOSS_MSG = (
 )
 
 
-def project_weights() -> pathlib.Path:
-    """The meta-trained weights shipped in `velo_scale/project_weights/params`."""
-    return pathlib.Path(
-        str(resources.files("velo_scale") / "project_weights" / "params")
-    )
-
-
 def resolve_weights(weights: Any) -> Any:
     """`VeLO.weights` for `velo_scale.velo`.
 
@@ -83,27 +72,10 @@ def resolve_weights(weights: Any) -> Any:
         weights); or a path or URL.
 
     Returns:
-      What `velo_scale.velo(weights=...)` takes.
+      A theta dict (`velo_scale._src.weights.resolve`, shared with the
+      library and the trainer).
     """
-    if weights is None:
-        return weights_lib.load_weights()
-    if weights == "project":
-        return weights_lib.load_weights(project_weights())
-    if weights != "auto":
-        return weights
-    env = os.environ.get(weights_lib.WEIGHTS_ENV)
-    if env:
-        return weights_lib.load_weights(env)
-    cached = weights_lib.default_cache_path()
-    if cached.exists():
-        return weights_lib.load_weights(cached)
-    print(
-        f"VeLO: no official weights (${weights_lib.WEIGHTS_ENV}, {cached}); using "
-        f"velo_scale's own meta-trained weights {project_weights()}.",
-        file=sys.stderr,
-        flush=True,
-    )
-    return weights_lib.load_weights(project_weights())
+    return weights_lib.resolve(weights)
 
 
 class VeLO(optimizers.BaseOptimizer):
@@ -257,6 +229,5 @@ __all__ = [
     "VeLO",
     "VeLOLearner",
     "configure_velo",
-    "project_weights",
     "resolve_weights",
 ]

@@ -14,11 +14,7 @@ All take optional `clip_norm` (global-norm clipping) and `weight_decay`.
 
 from __future__ import annotations
 
-import os
-import pathlib
-import sys
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any, NamedTuple
 
 import optax
@@ -35,57 +31,11 @@ class Optimizer(NamedTuple):
     name: str
 
 
-# Where the project's own meta-trained weights will live once they exist
-# (meta-training, velo_scale.meta); `weights="auto"` falls back to them.
-PROJECT_WEIGHTS_ENV = "VELO_SCALE_PROJECT_WEIGHTS"
-
-
-def packaged_project_weights() -> pathlib.Path | None:
-    """The meta-trained weights shipped in `velo_scale/project_weights/`, if any."""
-    path = pathlib.Path(
-        str(resources.files("velo_scale") / "project_weights" / "params")
-    )
-    return path if path.exists() else None
-
-
-def resolve_velo_weights(weights: Any) -> Any:
-    """Resolves `weights` for `velo`: a path, a theta dict, `"official"` (env,
-    cache or download of the official file) or `"auto"` (the official file if
-    it is in `$VELO_SCALE_WEIGHTS` or the cache, else the project's own
-    weights at `$VELO_SCALE_PROJECT_WEIGHTS` or shipped in the package, else
-    a clear error)."""
-    if weights == "official":
-        return weights_lib.load_weights()
-    if weights != "auto":
-        return weights
-    env = os.environ.get(weights_lib.WEIGHTS_ENV)
-    if env:
-        return weights_lib.load_weights(env)
-    cached = weights_lib.default_cache_path()
-    if cached.exists():
-        return weights_lib.load_weights(cached)
-    project = os.environ.get(PROJECT_WEIGHTS_ENV)
-    if project:
-        return weights_lib.load_weights(project)
-    packaged = packaged_project_weights()
-    if packaged is not None:
-        print(
-            f"velo: no official VeLO weights found (${weights_lib.WEIGHTS_ENV}, "
-            f"{cached}); using velo_scale's own meta-trained weights {packaged} "
-            "(small network; see params.json beside it).",
-            file=sys.stderr,
-            flush=True,
-        )
-        return weights_lib.load_weights(packaged)
-    raise weights_lib.WeightsError(
-        "train.optimizer = @velo with weights='auto' found no VeLO weights: "
-        f"${weights_lib.WEIGHTS_ENV} is unset, the cache {cached} is empty and "
-        f"${PROJECT_WEIGHTS_ENV} (weights made by velo_scale's meta-training) is "
-        "unset. Give the official 'params' file with "
-        f"`export {weights_lib.WEIGHTS_ENV}=/path/to/params`, or set "
-        "velo.weights='official' to download it (needs internet), or bind "
-        "velo.weights to a path."
-    )
+# One meaning of `weights` for the library and the trainer (see
+# `velo_scale._src.weights.resolve`).
+PROJECT_WEIGHTS_ENV = weights_lib.PROJECT_WEIGHTS_ENV
+packaged_project_weights = weights_lib.packaged_project_weights
+resolve_velo_weights = weights_lib.resolve
 
 
 def _clipped(tx: optax.GradientTransformation, clip_norm: float | None):

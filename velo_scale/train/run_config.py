@@ -204,23 +204,30 @@ def check_resume(
     return [c for c in changes if c.field in allow]
 
 
+def _read_json(path: pathlib.Path, kind: type, what: str) -> Any:
+    """`path`'s JSON value (None if absent); `ConfigMismatchError` naming
+    what the file records when it cannot be read or is not a `kind`."""
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text())
+        if not isinstance(value, kind):
+            raise ValueError(f"not a JSON {kind.__name__}")
+    except (OSError, ValueError) as e:
+        raise ConfigMismatchError(
+            f"{path} cannot be read ({e}); it records {what}. Restore it, or use "
+            "a new --workdir."
+        ) from None
+    return value
+
+
 def read_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
     """The workdir's `config.json`, or None when there is none.
 
     Raises `ConfigMismatchError` when it exists but is not valid JSON."""
-    path = pathlib.Path(workdir) / CONFIG_FILE
-    if not path.exists():
-        return None
-    try:
-        record = json.loads(path.read_text())
-        if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        raise ConfigMismatchError(
-            f"{path} cannot be read ({e}); it records what this workdir's run is. "
-            "Restore it, or use a new --workdir."
-        ) from None
-    return record
+    return _read_json(
+        pathlib.Path(workdir) / CONFIG_FILE, dict, "what this workdir's run is"
+    )
 
 
 def write_config(workdir: str | os.PathLike, record: Mapping[str, Any]) -> None:
@@ -241,19 +248,12 @@ def read_continuations(workdir: str | os.PathLike) -> list[dict[str, Any]]:
 
     Each entry: `{"at_step": the step resumed from, "num_steps": the new
     total, "method": 'naive' | 'increase' | 'reset'}`."""
-    path = pathlib.Path(workdir) / CONTINUATIONS_FILE
-    if not path.exists():
-        return []
-    try:
-        entries = json.loads(path.read_text())
-        if not isinstance(entries, list):
-            raise ValueError("not a JSON list")
-    except (OSError, ValueError) as e:
-        raise ConfigMismatchError(
-            f"{path} cannot be read ({e}); it records how this run was continued "
-            "past its horizon. Restore it, or use a new --workdir."
-        ) from None
-    return entries
+    entries = _read_json(
+        pathlib.Path(workdir) / CONTINUATIONS_FILE,
+        list,
+        "how this run was continued past its horizon",
+    )
+    return entries or []
 
 
 def record_continuation(

@@ -34,8 +34,8 @@ from velo_scale._src import sharding as sharding_lib
 from velo_scale.data import BatchIterator, load_dataset, load_tfds
 from velo_scale.train import checkpoint as ckpt_lib
 from velo_scale.train import lock as lock_lib
-from velo_scale.train import run_config
 from velo_scale.train import metrics as metrics_lib
+from velo_scale.train import run_config
 from velo_scale.train.metrics import METRICS_FILE, MetricsWriter, read_metrics
 from velo_scale.train.optimizers import Optimizer
 from velo_scale.train.progress import ProgressBar, StepTimer
