@@ -275,6 +275,27 @@ def test_bad_weights_type():
         velo_scale.velo(10, weights=42)
 
 
+def test_default_weights_work_offline_and_resolve_lazily(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("VELO_SCALE_WEIGHTS", raising=False)
+    monkeypatch.delenv("VELO_SCALE_PROJECT_WEIGHTS", raising=False)
+    monkeypatch.setenv("VELO_SCALE_CACHE", str(tmp_path))
+    missing = velo_scale.velo(10, weights=str(tmp_path / "nowhere"))  # no file yet
+    with pytest.raises(velo_scale.WeightsError, match="does not exist"):
+        missing.init({"w": jnp.ones((2,))})
+    tx = velo_scale.velo(10)  # the Quick start, offline: the project weights
+    params = {"w": jnp.ones((3, 2))}
+    updates, _ = tx.update(params, tx.init(params), params, loss=1.0)
+    assert bool(jnp.all(jnp.isfinite(updates["w"])))
+    assert "own meta-trained weights" in capsys.readouterr().err
+
+
+def test_inject_hyperparams_says_there_is_no_learning_rate():
+    with pytest.raises(TypeError, match="no learning rate"):
+        optax.inject_hyperparams(velo_scale.velo)(num_steps=10).init(
+            {"w": jnp.ones((2,))}
+        )
+
+
 def test_mismatched_grads_structure(tx):
     params = _params()
     with pytest.raises(ValueError, match="same tree structure"):

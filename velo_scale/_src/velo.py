@@ -64,17 +64,35 @@ class VeLOIntermediates(NamedTuple):
     lr_mult: jax.Array
 
 
-def _as_theta(weights: Any) -> Mapping[str, Any]:
-    if weights is None or isinstance(weights, (str, os.PathLike)):
-        return weights_lib.load_weights(weights)
+def _lazy_theta(weights: Any):
+    """A function returning theta as jnp arrays, resolved on first call.
+
+    Bad types and bad dicts fail at once; names and paths (`"auto"`,
+    `"official"`, a file) are read at the first `init`/`update`, so building
+    the transformation needs no file."""
+    if not (
+        weights is None
+        or isinstance(weights, (str, os.PathLike, Mapping))
+    ):
+        raise TypeError(
+            "weights must be None or 'official' (the official file), 'auto' "
+            "(official if present, else the project's weights), 'project', a "
+            "path or URL of a VeLO 'params' file, or a theta dict from "
+            f"velo_scale.load_weights; got {type(weights).__name__}."
+        )
     if isinstance(weights, Mapping):
         weights_lib.validate(weights)
-        return weights
-    raise TypeError(
-        "weights must be None (default resolution), a path or URL of a VeLO "
-        f"'params' file, or a theta dict from velo_scale.load_weights; got "
-        f"{type(weights).__name__}."
-    )
+    cache: list = []
+
+    def theta() -> Mapping[str, Any]:
+        if not cache:
+            with jax.ensure_compile_time_eval():
+                cache.append(
+                    jax.tree_util.tree_map(jnp.asarray, weights_lib.resolve(weights))
+                )
+        return cache[0]
+
+    return theta
 
 
 def _check_loss(loss: Any) -> jax.Array:
@@ -429,7 +447,7 @@ def _num_accumulate(num_steps: int, max_training_steps: int) -> int:
 def velo(
     num_steps: int,
     *,
-    weights: Any = None,
+    weights: Any = "auto",
     weight_decay: float = 0.0,
     decoupled_weight_decay: float = 0.0,
     max_training_steps: int = DEFAULT_MAX_TRAINING_STEPS,
@@ -446,9 +464,13 @@ def velo(
     Args:
       num_steps: the number of optimizer steps the run will take (VeLO
         conditions on the fraction of training done).
-      weights: meta-parameters: None resolves `$VELO_SCALE_WEIGHTS`, the user
-        cache, then a download of the official file (see
-        `velo_scale.load_weights`); or a path/URL; or a theta dict.
+      weights: meta-parameters. `"auto"` (default): the official file when
+        `$VELO_SCALE_WEIGHTS` or the cache has it, else the small VeLO that
+        velo_scale meta-trained itself (shipped, with a notice on stderr), so
+        it works offline; `"official"` or None: `$VELO_SCALE_WEIGHTS`, the
+        cache, else a download of the official file; `"project"`; a path or
+        URL; or a theta dict. Names and paths are read at the first `init` or
+        `update`, not here.
       weight_decay: coupled L2, as the reference's prefab: `weight_decay * p`
         is added to the gradient and `weight_decay * sum(p**2)` to the loss
         VeLO sees, before accumulation.
@@ -489,6 +511,13 @@ def velo(
       Metz et al., "VeLO: Training Versatile Learned Optimizers by Scaling Up",
       2022, App. B.
     """
+    if hasattr(num_steps, "shape") and not isinstance(num_steps, np.integer):
+        raise TypeError(
+            "velo's num_steps must be a Python int, not an array: VeLO has no "
+            "learning rate or other hyperparameter to inject (it learned its "
+            "step sizes), so optax.inject_hyperparams(velo) does not apply. "
+            "Use velo(num_steps) directly."
+        )
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(
             f"num_steps must be a positive int (the run's number of optimizer "
@@ -504,19 +533,21 @@ def velo(
     ):
         if value < 0:
             raise ValueError(f"{name} must be >= 0; got {value!r}.")
-    theta = jax.tree_util.tree_map(jnp.asarray, _as_theta(weights))
+    theta = _lazy_theta(weights)
     accumulate = _num_accumulate(int(num_steps), int(max_training_steps))
     horizon = int(num_steps) // accumulate
     loss_decays = loss_features.compiled_decays(horizon)
 
     def init_fn(params):
-        return init_state(theta, params, horizon, accumulate, loss_decays, state_dtype)
+        return init_state(
+            theta(), params, horizon, accumulate, loss_decays, state_dtype
+        )
 
     def step_fn(state, grads, params, loss):
         if not any(is_trained(p) for p in jax.tree_util.tree_leaves(params)):
             zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
             return zeros, state._replace(iteration=state.iteration + 1)
-        updates, state, _ = velo_step(theta, state, grads, params, loss)
+        updates, state, _ = velo_step(theta(), state, grads, params, loss)
         return updates, state
 
     def update_fn(updates, state, params=None, *, loss=None, **extra_args):
