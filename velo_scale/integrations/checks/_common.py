@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,33 @@ def import_error(python: pathlib.Path, modules: Sequence[str]) -> str | None:
         [str(python), "-c", code], capture_output=True, text=True, cwd="/"
     )
     return None if result.returncode == 0 else result.stderr[-1500:]
+
+
+def reuse_or_make_venv(
+    venv: pathlib.Path,
+    python: str,
+    modules: Sequence[str],
+    log_dir: pathlib.Path,
+    *,
+    rebuild: bool,
+) -> tuple[pathlib.Path, bool]:
+    """(venv python, whether it is new): an existing venv that imports
+    `modules` is reused (a broken one is an error naming --rebuild); else a
+    new one is made."""
+    venv_python = venv / "bin" / "python"
+    if venv.exists() and not rebuild:
+        error = import_error(venv_python, modules)
+        ensure(
+            error is None,
+            f"the existing venv {venv} cannot import {modules} (pass --rebuild to "
+            f"make a new one):\n{error}",
+        )
+        log(f"environment: reusing {venv}")
+        return venv_python, False
+    if venv.exists():
+        shutil.rmtree(venv)
+    log(f"environment: building {venv}")
+    return make_venv(venv, python, log_dir), True
 
 
 def imports_ok(python: pathlib.Path, modules: Sequence[str]) -> bool:

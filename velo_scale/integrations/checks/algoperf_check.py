@@ -165,19 +165,11 @@ def build_env(args: argparse.Namespace) -> pathlib.Path:
         "B3DB",
         "tensorflow_datasets.core.download",  # fails with a mismatched protobuf
     ]
-    if venv.exists() and not args.rebuild:
-        error = common.import_error(python, modules)
-        common.ensure(
-            error is None,
-            f"the existing venv {venv} cannot import {modules} (pass --rebuild to "
-            f"make a new one):\n{error}",
-        )
-        common.log(f"environment: reusing {venv}")
+    python, fresh = common.reuse_or_make_venv(
+        venv, args.python, modules, logs, rebuild=args.rebuild
+    )
+    if not fresh:
         return python
-    if venv.exists():
-        shutil.rmtree(venv)
-    common.log(f"environment: building {venv}")
-    python = common.make_venv(venv, args.python, logs)
     # The runner imports torch whatever the framework (pytorch_cpu: torch 2.5.1).
     common.pip_install(
         python,

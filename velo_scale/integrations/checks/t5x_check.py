@@ -149,19 +149,11 @@ def build_env(args: argparse.Namespace) -> pathlib.Path:
     python = venv / "bin" / "python"
     logs = args.workdir / "logs"
     modules = ["t5x.train", "seqio", "velo_scale.data.seqio_tasks", "jestimator.amos"]
-    if venv.exists() and not args.rebuild:
-        error = common.import_error(python, modules)
-        common.ensure(
-            error is None,
-            f"the existing venv {venv} cannot import {modules} (pass --rebuild to "
-            f"make a new one):\n{error}",
-        )
-        common.log(f"environment: reusing {venv}")
+    python, fresh = common.reuse_or_make_venv(
+        venv, args.python, modules, logs, rebuild=args.rebuild
+    )
+    if not fresh:
         return python
-    if venv.exists():
-        shutil.rmtree(venv)
-    common.log(f"environment: building {venv}")
-    python = common.make_venv(venv, args.python, logs)
     common.pip_install(
         python, ["-e", f"{common.REPO}[seqio,recipes]"], logs / "pip-velo.log"
     )
