@@ -76,12 +76,12 @@ def extend_horizon(
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int; got {num_steps!r}.")
     k = calls_per_step(int(num_steps), int(max_training_steps))
-    had = 1 if state.accumulation is None else None
-    if (had == 1) != (k == 1):
+    single = state.accumulation is None
+    if single != (k == 1):
         raise ValueError(
             f"num_steps={num_steps} needs {k} call(s) per VeLO step (max_training_"
             f"steps={max_training_steps}), but this state was made for "
-            f"{'1' if had == 1 else 'more than 1'}; gradient accumulation cannot be "
+            f"{'1' if single else 'more than 1'}; gradient accumulation cannot be "
             "switched on or off mid-run. Pick a num_steps on the same side of "
             "max_training_steps, or start a new run."
         )
@@ -89,7 +89,7 @@ def extend_horizon(
         return state
     horizon = int(num_steps) // k
     iteration = int(state.iteration) if not _traced(state.iteration) else None
-    if iteration is not None and horizon <= iteration and method != "naive":
+    if iteration is not None and horizon <= iteration:
         raise ValueError(
             f"the new horizon ({horizon} VeLO steps) must exceed the {iteration} "
             f"steps already taken for method {method!r}."
