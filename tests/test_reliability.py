@@ -66,9 +66,9 @@ def _tr_run(workdir, stop_after=_TR_STOP):
     return out
 
 
-def _tr_popen(workdir, log):
+def _tr_popen(workdir, log, stop_after=_TR_STOP):
     return subprocess.Popen(
-        _tr_cli_args(workdir), cwd=REPO, env=_tr_env(), stdout=log,
+        _tr_cli_args(workdir, stop_after), cwd=REPO, env=_tr_env(), stdout=log,
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 
@@ -257,7 +257,9 @@ def test_trainer_second_run_on_a_workdir_is_refused_and_a_stale_lock_taken_over(
 
     workdir = tmp_path / "run"
     with open(tmp_path / "log", "w") as log:
-        proc = _tr_popen(workdir, log)
+        # No stop_after: the run must still hold its lock when it is killed (a
+        # run that ends releases the lock cleanly, leaving nothing stale).
+        proc = _tr_popen(workdir, log, stop_after=_TR_NUM_STEPS)
         try:
             _tr_wait(proc, lambda: _tr_train_rows(workdir) >= 2)
             info = json.loads((workdir / "run.lock.json").read_text())
@@ -272,6 +274,7 @@ def test_trainer_second_run_on_a_workdir_is_refused_and_a_stale_lock_taken_over(
                 capture_output=True, text=True, timeout=300,
             )  # fmt: skip
             assert out.returncode == 2 and f"pid {proc.pid}" in out.stderr
+            assert proc.poll() is None, "the run ended before it was killed"
         finally:
             proc.kill()
             proc.wait()
