@@ -410,9 +410,14 @@ def run_one(
     learning_rate: float | None = None,
     seed: int = 0,
     workdir: str | pathlib.Path | None = None,
+    continuation: str | None = None,
 ) -> RunRecord:
     """Trains `task` once with `optimizer` (a factory of `num_steps`) and
-    returns its per-step training losses (from the run's metrics.jsonl)."""
+    returns its per-step training losses (from the run's metrics.jsonl).
+
+    With `workdir` holding a shorter VeLO run, `continuation` ('naive' |
+    'increase' | 'reset', `train.continuation`) resumes it to
+    `task.num_steps`; the curve then includes the earlier steps."""
     from velo_scale.train import trainer
 
     train_src = _load(task.data, "train")
@@ -434,6 +439,7 @@ def run_one(
                 mesh_shape=(1, 1),  # tiny tasks: one device
                 seed=seed,
                 progress=False,
+                continuation=continuation,
             )
             eval_metrics = {k: float(v) for k, v in result.eval_metrics.items()}
         except trainer.NonFiniteLossError as e:
