@@ -3,6 +3,9 @@
 Public API:
   velo                   the optax transformation (`update(..., loss=loss)`)
   extend_horizon         continue a run past num_steps (naive / increase / reset)
+  lr_mult                per-tensor step-size multiplier of the last step
+  effective_step_size    per-tensor rms(update) / rms(param)
+  schedule_metrics       both, averaged by tensor role, as flat scalars
   load_weights           read the official `params` file (path, URL or default)
   save_weights           write meta-parameters in the same format
   init_weights           random meta-parameters of a given architecture
@@ -12,6 +15,7 @@ Public API:
 """
 
 from velo_scale._src.horizon import extend_horizon
+from velo_scale._src.schedule import effective_step_size, lr_mult, schedule_metrics
 from velo_scale._src.sharding import (
     ShardingError,
     mesh_param_specs,
@@ -49,11 +53,14 @@ __all__ = [
     "VeLOState",
     "WeightsError",
     "default_cache_path",
+    "effective_step_size",
     "extend_horizon",
     "init_weights",
     "load_weights",
+    "lr_mult",
     "mesh_param_specs",
     "save_weights",
+    "schedule_metrics",
     "state_partition_specs",
     "state_shardings",
     "velo",

@@ -482,7 +482,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     pl = sub.add_parser("plot", help="loss/eval curves of runs on one figure")
     pl.add_argument("workdirs", nargs="+")
-    pl.add_argument("-o", "--output", default="curves.png")
+    pl.add_argument(
+        "-o", "--output", default=None,
+        help="PNG to write (default curves.png, or schedule.png with --schedule)",
+    )  # fmt: skip
+    pl.add_argument(
+        "--schedule",
+        action="store_true",
+        help="plot the per-tensor step sizes (VeLO's lr_mult, rms(update)/rms(param)) "
+        "from each workdir's schedule.jsonl instead of the loss curves",
+    )
     pl.add_argument("--labels", default=None, help="comma-separated run labels")
     cp = sub.add_parser("compare", help="table of final metrics of runs")
     cp.add_argument("workdirs", nargs="+")
@@ -527,8 +536,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "plot":
             labels = args.labels.split(",") if args.labels else None
-            reports.plot_runs(args.workdirs, args.output, labels=labels)
-            print(f"wrote {args.output}")
+            plot = reports.plot_schedule if args.schedule else reports.plot_runs
+            output = args.output or ("schedule.png" if args.schedule else "curves.png")
+            plot(args.workdirs, output, labels=labels)
+            print(f"wrote {output}")
         else:
             print(reports.compare_runs(args.workdirs))
     except (

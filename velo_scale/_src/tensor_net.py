@@ -101,7 +101,7 @@ def assemble_features(
     )
 
 
-def _linear(params: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
+def linear(params: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
     return jnp.dot(x, params["w"], precision=_HIGHEST) + params["b"]
 
 
@@ -125,12 +125,12 @@ def apply(
     # Quirk kept for the pretrained weights: the reference computes
     # relu(linear(x)) and overwrites it, so `linear` has no effect; `linear_1`
     # is the mixing layer and `linear_2` the per-tensor projection.
-    mixed = jnp.max(jax.nn.relu(_linear(rnn_params["linear_1"], features)), axis=0)
-    x = _linear(rnn_params["linear_2"], features) + mixed[None, :]
-    gates = _linear(rnn_params["rnn/linear"], jnp.concatenate([x, hidden], axis=1))
+    mixed = jnp.max(jax.nn.relu(linear(rnn_params["linear_1"], features)), axis=0)
+    x = linear(rnn_params["linear_2"], features) + mixed[None, :]
+    gates = linear(rnn_params["rnn/linear"], jnp.concatenate([x, hidden], axis=1))
     i, g, f, o = jnp.split(gates, 4, axis=1)
     cell = jax.nn.sigmoid(f + 1) * cell + jax.nn.sigmoid(i) * jnp.tanh(g)
     hidden = jax.nn.sigmoid(o) * jnp.tanh(cell)
-    controls = _linear(rnn_params["rnn_to_controls"], hidden)
-    lr_mult = _linear(rnn_params["step_size"], hidden)[:, 0]
+    controls = linear(rnn_params["rnn_to_controls"], hidden)
+    lr_mult = linear(rnn_params["step_size"], hidden)[:, 0]
     return controls, lr_mult, hidden, cell

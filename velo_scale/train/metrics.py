@@ -29,6 +29,9 @@ from collections.abc import Mapping
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+# Per-tensor values of VeLO's schedule (`velo_scale.lr_mult`, the effective
+# step size), one row per logged train step, keys "<kind>:<keystr path>".
+SCHEDULE_FILE = "schedule.jsonl"
 NONFINITE_SUFFIX = "_nonfinite"
 RESERVED_KEYS = frozenset({"step", "split", "time"})
 
@@ -131,6 +134,7 @@ class MetricsWriter:
       tensorboard: also write TensorBoard scalars `"<split>/<name>"` into
         `workdir` with `tensorboardX`. If that package is missing, warns once
         per process and writes the JSONL file only.
+      filename: the JSONL file in `workdir` (e.g. `SCHEDULE_FILE`).
 
     Example:
       >>> with MetricsWriter("/tmp/run") as writer:  # doctest: +SKIP
@@ -138,11 +142,17 @@ class MetricsWriter:
       ...     writer.write(100, {"loss": 0.50, "accuracy": 0.88}, split="eval")
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        tensorboard: bool = True,
+        filename: str = METRICS_FILE,
+    ):
         import jax
 
         self.workdir = pathlib.Path(workdir)
-        self.path = self.workdir / METRICS_FILE
+        self.path = self.workdir / filename
         # Multi-host: every process computes the same (replicated) metrics;
         # process 0 writes them, the others only validate.
         self.primary = jax.process_index() == 0
@@ -234,8 +244,11 @@ class MetricsWriter:
         self.close()
 
 
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Reads the rows of `workdir/metrics.jsonl` in the order they were written.
+def read_metrics(
+    workdir: str | os.PathLike, filename: str = METRICS_FILE
+) -> list[dict[str, Any]]:
+    """Reads the rows of `workdir/metrics.jsonl` (or `filename`) in the order
+    they were written.
 
     Rows are returned as written: non-finite values are `None` with a
     `"<name>_nonfinite": True` marker. A resumed run may repeat steps; the
@@ -251,10 +264,10 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
       FileNotFoundError: there is no metrics.jsonl in `workdir`.
       ValueError: a line other than an unfinished last one is not a JSON row.
     """
-    path = pathlib.Path(workdir) / METRICS_FILE
+    path = pathlib.Path(workdir) / filename
     if not path.is_file():
         raise FileNotFoundError(
-            f"no {METRICS_FILE} in {os.fspath(workdir)!r} (expected {path}); is "
+            f"no {filename} in {os.fspath(workdir)!r} (expected {path}); is "
             "this the workdir of a run that wrote metrics with MetricsWriter?"
         )
     text = path.read_text(encoding="utf-8", errors="replace")

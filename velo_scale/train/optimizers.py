@@ -24,11 +24,16 @@ from velo_scale._src.velo import velo as _velo
 
 
 class Optimizer(NamedTuple):
-    """An optax transformation and whether `update` needs `loss=`."""
+    """An optax transformation and whether `update` needs `loss=`.
+
+    `velo_weights`: VeLO's theta dict, so that the trainer can read each
+    tensor's `lr_mult` from the state (`velo_scale.lr_mult`); None otherwise.
+    """
 
     tx: optax.GradientTransformation
     takes_loss: bool
     name: str
+    velo_weights: Any = None
 
 
 # One meaning of `weights` for the library and the trainer (see
@@ -55,14 +60,15 @@ def velo(
     max_training_steps: int = 150_000,
 ) -> Optimizer:
     """VeLO for a run of `num_steps` steps (see `velo_scale.velo`)."""
+    theta = resolve_velo_weights(weights)
     tx = _velo(
         num_steps,
-        weights=resolve_velo_weights(weights),
+        weights=theta,
         weight_decay=weight_decay,
         decoupled_weight_decay=decoupled_weight_decay,
         max_training_steps=max_training_steps,
     )
-    return Optimizer(_clipped(tx, clip_norm), True, "velo")
+    return Optimizer(_clipped(tx, clip_norm), True, "velo", theta)
 
 
 def warmup_cosine(num_steps: int, learning_rate: float, warmup_steps: int | float):

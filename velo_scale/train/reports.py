@@ -57,16 +57,23 @@ def _optimizer_name(workdir: str | os.PathLike) -> str | None:
     return str(optimizer)
 
 
-def _load_rows(workdir: str | os.PathLike) -> list[Row]:
+def _load_rows(
+    workdir: str | os.PathLike, filename: str = metrics_lib.METRICS_FILE
+) -> list[Row]:
     """Rows of one run, merged per (split, step) and sorted by step."""
-    if not (pathlib.Path(workdir) / metrics_lib.METRICS_FILE).is_file():
+    if not (pathlib.Path(workdir) / filename).is_file():
         raise FileNotFoundError(
-            f"run directory {os.fspath(workdir)!r} has no "
-            f"{metrics_lib.METRICS_FILE}; pass the workdir of a run that wrote "
-            "metrics with MetricsWriter."
+            f"run directory {os.fspath(workdir)!r} has no {filename}; pass the "
+            "workdir of a run that wrote metrics with MetricsWriter"
+            + (
+                " (schedule.jsonl: trained by velo_scale's trainer with "
+                "train.log_schedule=True, the default)."
+                if filename == metrics_lib.SCHEDULE_FILE
+                else "."
+            )
         )
     merged: dict[tuple[str, int], Row] = {}
-    for row in metrics_lib.read_metrics(workdir):
+    for row in metrics_lib.read_metrics(workdir, filename):
         key = (row["split"], row["step"])
         if key in merged:
             # A restarted run measured this step again: newer values win, and a
@@ -354,6 +361,95 @@ def plot_runs(
     if title:
         fig.suptitle(title, fontsize="medium")
 
+    out = pathlib.Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+
+
+def plot_schedule(
+    workdirs: Sequence[str | os.PathLike],
+    out_png: str | os.PathLike,
+    *,
+    labels: Sequence[str] | None = None,
+) -> None:
+    """Plots the step sizes the optimizer took, per tensor, over training
+    (VeLO's implicit schedule, as the paper's Sec. 7 figure).
+
+    One row of panels per run, from `workdir/schedule.jsonl`: VeLO's per-tensor
+    `lr_mult` (when the run used VeLO) and the effective step size
+    `rms(update) / rms(param)` (log scale). Each tensor is a thin line
+    coloured by its role (`kernel`, `bias`, ...); the role's mean is the thick
+    line of the same colour.
+
+    Args:
+      workdirs: run directories, each with a schedule.jsonl.
+      out_png: where to write the PNG; parent directories are created.
+      labels: one title per run (default: the directory's name and optimizer).
+
+    Raises:
+      FileNotFoundError: a workdir has no schedule.jsonl.
+      ValueError: `labels` does not match `workdirs`.
+      ImportError: matplotlib is not installed.
+    """
+    from velo_scale._src.schedule import LR_MULT, STEP_SIZE, role
+
+    if labels is not None and len(labels) != len(workdirs):
+        raise ValueError(
+            f"labels must give one label per workdir; got {len(labels)=} for "
+            f"{len(workdirs)=}."
+        )
+    runs = [_load_rows(d, metrics_lib.SCHEDULE_FILE) for d in workdirs]
+    if labels is None:
+        labels = [
+            f"{_run_name(d)} ({_optimizer_name(d)})" if _optimizer_name(d)
+            else _run_name(d)
+            for d in workdirs
+        ]  # fmt: skip
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(NO_MATPLOTLIB_MSG) from e
+
+    kinds = [LR_MULT, STEP_SIZE]
+    titles = {
+        LR_MULT: "VeLO lr_mult per tensor",
+        STEP_SIZE: "effective step size rms(update) / rms(param)",
+    }
+    fig = Figure(figsize=(5.2 * len(kinds), 3.4 * len(runs) + 0.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    for r, (rows, label) in enumerate(zip(runs, labels)):
+        names = _metric_names(rows, TRAIN_SPLIT)
+        roles = sorted({role(n.split(":", 1)[1]) for n in names if ":" in n})
+        colour = {name: f"C{i % 10}" for i, name in enumerate(roles)}
+        for c, kind in enumerate(kinds):
+            ax = fig.add_subplot(len(runs), len(kinds), r * len(kinds) + c + 1)
+            mine = [n for n in names if n.startswith(kind + ":")]
+            by_role: dict[str, list[list[float]]] = {}
+            for name in mine:
+                steps, values = _series(rows, TRAIN_SPLIT, name)
+                tensor_role = role(name.split(":", 1)[1])
+                ax.plot(steps, values, color=colour[tensor_role], alpha=0.3,
+                        linewidth=0.7)  # fmt: skip
+                by_role.setdefault(tensor_role, []).append((steps, values))
+            for tensor_role, series in by_role.items():
+                steps = series[0][0]
+                same = [v for s, v in series if s == steps]
+                mean = [sum(col) / len(col) for col in zip(*same)]
+                ax.plot(steps, mean, color=colour[tensor_role], linewidth=2,
+                        label=f"{tensor_role} ({len(series)})")  # fmt: skip
+            ax.set_title(f"{label}: {titles[kind]}", fontsize="small")
+            ax.set_xlabel("step")
+            if not mine:
+                ax.text(0.5, 0.5, f"no {kind} (not a VeLO run)", ha="center",
+                        transform=ax.transAxes)  # fmt: skip
+                continue
+            if kind == STEP_SIZE and all(
+                v > 0 for n in mine for v in _series(rows, TRAIN_SPLIT, n)[1]
+            ):
+                ax.set_yscale("log")
+            ax.legend(loc="best", fontsize="x-small", title="role (tensors)")
+            ax.grid(True, which="both", alpha=0.3)
     out = pathlib.Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

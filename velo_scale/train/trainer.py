@@ -30,6 +30,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from velo_scale._src import schedule as schedule_lib
 from velo_scale._src import sharding as sharding_lib
 from velo_scale.data import BatchIterator, load_dataset, load_tfds
 from velo_scale.train import checkpoint as ckpt_lib
@@ -156,6 +157,7 @@ def train(
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
     continuation: str | None = None,
+    log_schedule: bool = True,
 ) -> TrainResult:
     """Trains a workload (or `model` as an image classifier).
 
@@ -200,6 +202,12 @@ def train(
         (`velo_scale.extend_horizon`; the VeLO paper's Naive / Increase /
         Reset). Without it such a resume is a `ConfigMismatchError`. Applied
         once, recorded in `workdir/continuations.json`.
+      log_schedule: log the step sizes the optimizer takes (VeLO's implicit
+        schedule, paper Sec. 7): every train row gets `step_size/<role>`, the
+        mean over tensors of that role (`kernel`, `bias`, ...) of
+        `rms(update) / rms(param)`, and for VeLO `lr_mult/<role>`; the
+        per-tensor values go to `workdir/schedule.jsonl`
+        (`velo-scale plot --schedule WORKDIR`). Per-tensor reductions only.
 
     Returns:
       A `TrainResult`.
@@ -243,7 +251,7 @@ def train(
             init_from=init_from, seed=seed, stop_after=stop_after,
             max_nonfinite_steps=max_nonfinite_steps, log_every=log_every,
             progress=progress, config=config, stop=stop,
-            continuation=continuation,
+            continuation=continuation, log_schedule=log_schedule,
         )  # fmt: skip
 
 
@@ -313,6 +321,7 @@ def _train(
     config,
     stop: StopOnSignal,
     continuation: str | None = None,
+    log_schedule: bool = True,
 ) -> TrainResult:
     """`train` once its directories are locked (see `train`)."""
     if workload is None:
@@ -426,13 +435,25 @@ def _train(
             "grad_norm": optax.tree.norm(grads),
             "skipped": (~finite).astype(jnp.int32),
         }
-        return new_state, metrics
+        tensors = {}
+        if log_schedule:
+            # A skipped step applied nothing: its step sizes are 0.
+            applied = keep(updates, jax.tree_util.tree_map(jnp.zeros_like, updates))
+            per_tensor = schedule_lib.schedule(
+                applied, state.params, new_state.opt_state, opt.velo_weights
+            )
+            for kind, values in per_tensor.items():
+                metrics.update(
+                    {f"{kind}/{r}": v for r, v in schedule_lib.by_role(values).items()}
+                )
+                tensors.update({f"{kind}:{path}": v for path, v in values.items()})
+        return new_state, metrics, tensors
 
     jit_init = jax.jit(init_state, out_shardings=state_sh)
     jit_step = jax.jit(
         train_step,
         in_shardings=(state_sh, batch_sh),
-        out_shardings=(state_sh, None),
+        out_shardings=(state_sh, None, None),
         donate_argnums=0,
     )
 
@@ -453,7 +474,7 @@ def _train(
         mesh_shape=mesh.devices.shape, axis_names=axis_names, config=config,
     )  # fmt: skip
     primary = jax.process_index() == 0
-    checkpointer = writer = None
+    checkpointer = writer = schedule_writer = None
     try:
         if checkpoint_dir is not None:
             checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=keep_checkpoints)
@@ -528,6 +549,10 @@ def _train(
         if workdir is not None and saved is None and primary:
             run_config.write_config(workdir, requested)
         writer = MetricsWriter(workdir) if workdir is not None else None
+        if writer is not None and log_schedule:
+            schedule_writer = MetricsWriter(
+                workdir, tensorboard=False, filename=metrics_lib.SCHEDULE_FILE
+            )
 
         def evaluate(state: TrainState) -> dict[str, float]:
             return workload.evaluate(
@@ -551,7 +576,7 @@ def _train(
             for step in range(first + 1, last + 1):
                 batch = jax.device_put(next(iterator), batch_sh)
                 position = iterator.get_state()
-                state, metrics = jit_step(state, batch)
+                state, metrics, tensors = jit_step(state, batch)
                 state = state.replace(
                     data_epoch=jax.device_put(np.int32(position["epoch"]), replicated),
                     data_index=jax.device_put(np.int32(position["index"]), replicated),
@@ -572,6 +597,8 @@ def _train(
                 metrics["nonfinite_total"] = float(state.nonfinite_total)
                 if writer and (step % log_every == 0 or step == last):
                     writer.write(step, metrics, split="train")
+                    if schedule_writer is not None:
+                        schedule_writer.write(step, jax.device_get(tensors))
                 if eval_source is not None and (
                     (eval_every and step % eval_every == 0) or step == num_steps
                 ):
@@ -599,8 +626,9 @@ def _train(
     finally:
         if checkpointer is not None:
             checkpointer.close()
-        if writer is not None:
-            writer.close()
+        for w in (writer, schedule_writer):
+            if w is not None:
+                w.close()
     rate = timer.steps_per_second or 0.0
     final_loss = float(np.mean(recent)) if recent else float("nan")
     summary = (
