@@ -202,6 +202,31 @@ def test_loss_carrying_update_through_a_chain(theta):
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
 
 
+def test_schedule_summaries_are_the_step_and_lr_mult_per_role(theta, tx):
+    """The T5X train metrics of VeLO's schedule (`VeLOTrainer`): per role,
+    from the params before/after the step and the new optimizer state."""
+    params = _params()
+    state = tx.init(params)
+    updates, state = tx.update(_grads(params), state, params, loss=jnp.float32(1.0))
+    new_params = optax.apply_updates(params, updates)
+    got = velo_t5x.schedule_summaries(params, new_params, state, theta)
+    # Roles: the last name of each path ("attn" and "scale" are leaves here).
+    assert sorted(got) == [
+        f"velo/{kind}/{role}"
+        for kind in ("lr_mult", "step_size")
+        for role in ("attn", "bias", "kernel", "scale")
+    ]
+    lr = velo_scale.lr_mult(state, theta)
+    np.testing.assert_allclose(
+        float(got["velo/lr_mult/kernel"]), float(lr["dense"]["kernel"]), rtol=1e-6
+    )
+    kernel, new_kernel = params["dense"]["kernel"], new_params["dense"]["kernel"]
+    want = np.sqrt(np.mean((new_kernel - kernel) ** 2)) / np.sqrt(
+        np.mean(kernel**2) + 1e-9
+    )
+    np.testing.assert_allclose(float(got["velo/step_size/kernel"]), want, rtol=1e-4)
+
+
 def test_module_imports_without_t5x():
     try:
         import t5x  # noqa: F401

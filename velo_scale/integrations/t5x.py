@@ -47,6 +47,8 @@ P = PartitionSpec
 
 #: Name of the metric (a `clu.metrics.Average`) holding the loss VeLO sees.
 LOSS_METRIC = "velo/loss"
+#: Prefix of the schedule metrics, e.g. "velo/lr_mult/kernel" (`schedule_summaries`).
+SCHEDULE_PREFIX = "velo/"
 
 MISSING_LOSS_MSG = (
     "VeLO in T5X needs the loss at every step, but the optimizer's hyper-params "
@@ -196,6 +198,32 @@ def restore_none_leaves(state_dict: Any, reference: Any) -> Any:
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
+def schedule_summaries(
+    params: Any, new_params: Any, opt_state: Any, weights: Any
+) -> dict[str, jax.Array]:
+    """VeLO's implicit schedule as T5X scalars, one per tensor role.
+
+    `"velo/step_size/<role>"`: the mean over the tensors of that role
+    (`kernel`, `scale`, `embedding`, ...) of `rms(new - old) / rms(old)`;
+    `"velo/lr_mult/<role>"`: their mean `lr_mult` (`velo_scale.lr_mult`).
+    Per-tensor reductions only. Needs no t5x.
+
+    Args:
+      params, new_params: the params before and after the step.
+      opt_state: the optax state after the step (holds the `VeLOState`).
+      weights: VeLO's meta-parameters (theta dict, or as `velo(weights=)`).
+    """
+    from velo_scale._src import schedule
+
+    updates = jax.tree_util.tree_map(
+        lambda new, old: jnp.asarray(new, jnp.float32) - jnp.asarray(old, jnp.float32),
+        new_params,
+        params,
+    )
+    metrics = schedule.schedule_metrics(updates, params, opt_state, weights)
+    return {SCHEDULE_PREFIX + name: value for name, value in metrics.items()}
+
+
 def _is_spec(x: Any) -> bool:
     return x is None or isinstance(x, PartitionSpec)
 
@@ -313,6 +341,7 @@ def velo_optimizer(
     decoupled_weight_decay: float = 0.0,
     max_training_steps: int | None = None,
     clip_norm: float | None = None,
+    log_schedule: bool = True,
 ) -> Any:
     """T5X optimizer definition for VeLO (gin: `OPTIMIZER = @velo_optimizer()`).
 
@@ -322,6 +351,8 @@ def velo_optimizer(
       weights, weight_decay, decoupled_weight_decay, max_training_steps: as
         `velo_scale.velo` (None keeps its default `max_training_steps`).
       clip_norm: if set, `optax.clip_by_global_norm(clip_norm)` runs first.
+      log_schedule: `VeLOTrainer` adds `schedule_summaries` (VeLO's per-role
+        `lr_mult` and step sizes) to the train metrics (TensorBoard).
 
     Returns:
       A `VeLOOptaxWrapper` (a `t5x.optimizers.OptaxWrapper`).
@@ -343,7 +374,12 @@ def velo_optimizer(
     )
     if clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
-    return _t5x_classes()["VeLOOptaxWrapper"](tx)
+    wrapper = _t5x_classes()["VeLOOptaxWrapper"](tx)
+    if log_schedule:
+        from velo_scale._src.velo import _lazy_theta
+
+        wrapper.schedule_weights = _lazy_theta(weights)  # read at the first step
+    return wrapper
 
 
 @functools.cache
@@ -372,6 +408,9 @@ def _t5x_classes() -> dict[str, Any]:
         def __init__(self, optax_optimizer: optax.GradientTransformation):
             super().__init__(optax_optimizer)
             self.hyper_params = VeLOHyperParams()
+            # A function returning VeLO's theta for the schedule metrics
+            # (set by `velo_optimizer(log_schedule=True)`), or None.
+            self.schedule_weights = None
             register_partition_rules()
 
         # Only inside `param_states` does None mean "no slot": elsewhere (the
@@ -473,6 +512,22 @@ def _t5x_classes() -> dict[str, Any]:
         lr = jnp.asarray([learning_rate], jnp.float32)
         metrics["learning_rate"] = clu.metrics.Average.from_model_output(lr)
         metrics["learning_rate/current"] = clu.metrics.LastValue.from_model_output(lr)
+        schedule_weights = getattr(optimizer.optimizer_def, "schedule_weights", None)
+        if schedule_weights is not None:
+            summaries = schedule_summaries(
+                optimizer.target,
+                new_optimizer.target,
+                new_optimizer.state.param_states,
+                schedule_weights(),
+            )
+            metrics.update(
+                {
+                    name: clu.metrics.LastValue.from_model_output(
+                        jnp.reshape(value, (1,))
+                    )
+                    for name, value in summaries.items()
+                }
+            )
         if weight_metrics_computer is not None:
             metrics.update(
                 weight_metrics_computer.compute_metrics(

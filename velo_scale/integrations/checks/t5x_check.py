@@ -333,6 +333,9 @@ def main(argv: Sequence[str] | None) -> int:
     )
     velo_dir, velo_log, seconds = runner.run("velo", velo + ["tiny.gin"], steps)
     ref = runner.scalars(velo_dir, LOSS)
+    # VeLO's schedule in T5X's summaries (velo_t5x.schedule_summaries).
+    lr_mult = runner.scalars(velo_dir, "velo/lr_mult/kernel")
+    step_size = runner.scalars(velo_dir, "velo/step_size/kernel")
     velo_text = velo_log.read_text(errors="replace")
     record(
         "velo",
@@ -346,6 +349,12 @@ def main(argv: Sequence[str] | None) -> int:
                 "VeLOTrainer used",
                 "VeLOTrainer" in velo_text
                 or "velo_t5x.VeLOTrainer" in (velo_dir / "config.gin").read_text(),
+            ),
+            (
+                "lr_mult and step size logged",
+                bool(lr_mult)
+                and sorted(step_size) == sorted(lr_mult)
+                and all(v > 0 for v in step_size.values()),
             ),
         ],
     )
