@@ -192,11 +192,13 @@ def test_summary_counts_wins_worsts_and_ties():
     assert summary.worst == {"naive": 2, "increase": 1, "reset": 2}
     assert summary.ties == 2
     assert summary.single_beats_all == 1
+    assert summary.best_beats_single == 1  # task c; b's 1.0 vs 1.005 is a tie
     assert summary.best_beats_adamw == 1  # task c: 1.0 < 1.2
     assert summary.single_beats_adamw == 1  # task a: 1.5 < 1.8
     strict = cont.summarize([s.outcome(0.0) for s in HAND_MADE], 0.0)
     assert strict.best == {"naive": 2, "increase": 2, "reset": 1}
     assert strict.ties == 1 and strict.single_beats_all == 1
+    assert strict.best_beats_single == 2
 
 
 def test_failed_task_is_reported_not_counted(tmp_path):
@@ -210,7 +212,22 @@ def test_failed_task_is_reported_not_counted(tmp_path):
                       settings={"seed": 0}, tie_rtol=0.01)  # fmt: skip
     numbers = json.loads((tmp_path / "C_results.json").read_text())
     assert numbers["summary"]["tasks"] == 3
-    assert "| broken | 2+2 x 16 | failed: ValueError: boom" in out.read_text()
+    text = out.read_text()
+    assert "| broken | 2+2 x 16 | failed: ValueError: boom" in text
+    # Spreads (worst - best) / best: a 50%, b diverged (left out), c 0%.
+    assert "median +25.0%; all three tie (within 0.01) on 1/3 tasks" in text
+    # A diverged run shows as such in the table, not in the percentages.
+    assert "above the best: a: `naive` +50.0%; b: `increase` +100.0%." in text
+    assert "| b | 2+2 x 16 | 1.0000 | 2.0000 | diverged |" in text
+    # The single runs' loss at H (1.5 / 1.005 / 2.0) vs the base's (4.0).
+    assert "a -62.5%, b -74.9%, c -50.0%" in text
+    assert (
+        "By raw final loss: best of the three: `naive` 2/3, `increase` 2/3, `reset` 1/3"
+        in text
+    )
+    assert (
+        "| a | 2+2 x 16 | 3.0000 | 2.0000 | 2.0100 | 1.5000 | 1.8000 (1.0e-03)" in text
+    )
 
 
 # --- the report on the tiny real run ---------------------------------------------
@@ -234,11 +251,18 @@ def test_report_on_a_tiny_real_run(tiny, tmp_path):
     assert numbers["summary"] == json.loads(
         json.dumps(cont.summarize([o], 0.01)._asdict())
     )
+    raw = cont.summarize([study.outcome(0.0)], 0.0)
+    assert numbers["summary_raw"] == json.loads(json.dumps(raw._asdict()))
+    assert sum(raw.best.values()) >= 1 and sum(raw.worst.values()) >= 1
     (row,) = numbers["tasks"]
     assert row["finals"] == pytest.approx(o.finals)
     assert set(row["eval"]) == {*cont.METHODS, cont.SINGLE, cont.ADAMW}
     assert all("accuracy" in m for m in row["eval"].values())
     assert row["loss_at_horizon"] == pytest.approx(study.base.final(2))
+    assert row["single_at_horizon"] == pytest.approx(
+        ev.final_loss(range(H), study.single.losses[:H], 2)
+    )
+    assert all(0 <= e < 1 for e in row["standard_errors"].values())
 
 
 def test_main_parses_the_suite_defaults(monkeypatch, tmp_path):
