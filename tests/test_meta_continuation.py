@@ -254,6 +254,11 @@ def test_report_on_a_tiny_real_run(tiny, tmp_path):
     raw = cont.summarize([study.outcome(0.0)], 0.0)
     assert numbers["summary_raw"] == json.loads(json.dumps(raw._asdict()))
     assert sum(raw.best.values()) >= 1 and sum(raw.worst.values()) >= 1
+    # The eval-split counts rank the runs' eval losses at 2H.
+    eval_losses = {m: study.continued[m].eval_metrics["loss"] for m in cont.METHODS}
+    lowest = min(eval_losses.values())
+    best_on_eval = {m: int(v == lowest) for m, v in eval_losses.items()}
+    assert numbers["summary_eval_raw"]["best"] == best_on_eval
     (row,) = numbers["tasks"]
     assert row["finals"] == pytest.approx(o.finals)
     assert set(row["eval"]) == {*cont.METHODS, cont.SINGLE, cont.ADAMW}
