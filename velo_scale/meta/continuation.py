@@ -58,7 +58,7 @@ from velo_scale.meta.evaluation import (
     TaskResult,
     _cached_run,
     _record_path,
-    adamw_grid_point,
+    adamw_grid,
     describe_weights,
     enable_compilation_cache,
     final_loss,
@@ -372,17 +372,7 @@ def study_task(
         lambda: run_one(full, velo, name="velo", seed=seed),
     )
     note(f"velo single {2 * horizon}", single)
-    adamw = []
-    for lr in learning_rates:
-        run = _cached_run(
-            _record_path(cache_dir, full, f"adamw_{lr:.3e}"),
-            lambda lr=lr: run_one(
-                full, functools.partial(adamw_grid_point, learning_rate=lr),
-                name="adamw", learning_rate=lr, seed=seed,
-            ),
-        )  # fmt: skip
-        note(f"adamw lr={lr:.2e}", run)
-        adamw.append(run)
+    adamw = adamw_grid(full, learning_rates, seed=seed, cache_dir=cache_dir, log=note)
     return TaskStudy(full, horizon, base, continued, single, adamw, smoothing_window)
 
 

@@ -522,6 +522,32 @@ def _cached_run(path, fn) -> RunRecord:
     return record
 
 
+def adamw_grid(
+    task: EvalTask,
+    learning_rates: Sequence[float],
+    *,
+    seed: int = 0,
+    cache_dir: pathlib.Path | None = None,
+    log: Callable[[str, RunRecord], None] = lambda name, run: None,
+) -> list[RunRecord]:
+    """AdamW (`adamw_grid_point`) on `task` at each learning rate, cached.
+
+    `log(name, record)` is called after each run, e.g. "adamw lr=1.00e-03".
+    """
+    runs = []
+    for lr in learning_rates:
+        run = _cached_run(
+            _record_path(cache_dir, task, f"adamw_{lr:.3e}"),
+            lambda lr=lr: run_one(
+                task, functools.partial(adamw_grid_point, learning_rate=lr),
+                name="adamw", learning_rate=lr, seed=seed,
+            ),
+        )  # fmt: skip
+        log(f"adamw lr={lr:.2e}", run)
+        runs.append(run)
+    return runs
+
+
 def evaluate_task(
     task: EvalTask,
     *,
@@ -536,18 +562,13 @@ def evaluate_task(
     """AdamW over `learning_rates`, NAdamW and VeLO on one task."""
     from velo_scale.train import optimizers
 
-    adamw_runs = []
-    for lr in learning_rates:
-        run = _cached_run(
-            _record_path(cache_dir, task, f"adamw_{lr:.3e}"),
-            lambda lr=lr: run_one(
-                task, functools.partial(adamw_grid_point, learning_rate=lr),
-                name="adamw", learning_rate=lr, seed=seed,
-            ),
-        )  # fmt: skip
-        log(f"  {task.name} adamw lr={lr:.2e}: final {run.final(smoothing_window):.4f}"
-            f" ({run.seconds:.0f}s){' ' + run.error if run.error else ''}")  # fmt: skip
-        adamw_runs.append(run)
+    adamw_runs = adamw_grid(
+        task, learning_rates, seed=seed, cache_dir=cache_dir,
+        log=lambda name, run: log(
+            f"  {task.name} {name}: final {run.final(smoothing_window):.4f}"
+            f" ({run.seconds:.0f}s){' ' + run.error if run.error else ''}"
+        ),
+    )  # fmt: skip
     nadamw = _cached_run(
         _record_path(cache_dir, task, "nadamw"),
         lambda: run_one(
