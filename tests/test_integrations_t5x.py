@@ -227,6 +227,33 @@ def test_schedule_summaries_are_the_step_and_lr_mult_per_role(theta, tx):
     np.testing.assert_allclose(float(got["velo/step_size/kernel"]), want, rtol=1e-4)
 
 
+def test_restored_state_of_another_horizon_needs_a_continuation(theta, tx):
+    """T5X restores VeLO's horizon with its state: a restart with a larger
+    TRAIN_STEPS is an error unless velo_optimizer.continuation says how."""
+    params = _params()
+    state = tx.init(params)  # horizon NUM_STEPS
+    chained = (optax.EmptyState(), state)  # as inside an optax chain
+    # Same horizon (an ordinary restart, or a fresh fine-tuning state): as is.
+    same = velo_t5x.check_restored_horizon(chained, NUM_STEPS)
+    assert same[1] is state
+    with pytest.raises(ValueError, match="silently keep the old horizon") as e:
+        velo_t5x.check_restored_horizon(chained, 2 * NUM_STEPS)
+    assert "continuation = 'increase'" in str(e.value)
+    longer = velo_t5x.check_restored_horizon(chained, 2 * NUM_STEPS, "increase")
+    assert int(longer[1].num_steps) == 2 * NUM_STEPS
+    assert int(longer[1].iteration) == int(state.iteration)
+    # Applied once: the next restart's state matches the new horizon.
+    again = velo_t5x.check_restored_horizon(longer, 2 * NUM_STEPS, "increase")
+    assert again[1] is longer[1]
+    naive = velo_t5x.check_restored_horizon(chained, 2 * NUM_STEPS, "naive")
+    assert int(naive[1].num_steps) == NUM_STEPS
+    # Abstract states (T5X evaluates shapes) pass through.
+    abstract = jax.eval_shape(lambda: state)
+    assert velo_t5x.check_restored_horizon(abstract, 2 * NUM_STEPS) is abstract
+    with pytest.raises(ValueError, match="extend_horizon"):
+        velo_t5x.check_restored_horizon(chained, 2 * NUM_STEPS, "reset")
+
+
 def test_module_imports_without_t5x():
     try:
         import t5x  # noqa: F401

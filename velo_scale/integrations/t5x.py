@@ -224,6 +224,74 @@ def schedule_summaries(
     return {SCHEDULE_PREFIX + name: value for name, value in metrics.items()}
 
 
+def check_restored_horizon(
+    param_states: Any,
+    num_steps: int,
+    continuation: str | None = None,
+    max_training_steps: int | None = None,
+) -> Any:
+    """The restored optimizer state, continued to `num_steps` if asked.
+
+    T5X restores VeLO's state, horizon included, from the checkpoint, so a run
+    restarted with a larger `TRAIN_STEPS` would silently keep the old one.
+    Here each restored `VeLOState` whose horizon is not that of `num_steps`
+    is an error, unless `continuation` says how to go on: 'increase' (the new
+    total, keeping the iteration; applied once, later restores match) or
+    'naive' (keep the old horizon). 'reset' needs to know whether it was
+    applied already, which a T5X checkpoint does not record: apply
+    `velo_scale.extend_horizon(state, n, 'reset')` yourself, or start fresh.
+    Abstract states (shape evaluation) pass through unchecked.
+
+    Args:
+      param_states: the optax state T5X restored (may hold several VeLO states).
+      num_steps, max_training_steps: as given to `velo_optimizer`.
+      continuation: None, 'increase' or 'naive' (gin:
+        `velo_optimizer.continuation`).
+
+    Raises:
+      ValueError: the horizons differ and no continuation is set, or 'reset'.
+    """
+    from velo_scale._src.horizon import calls_per_step, extend_horizon
+    from velo_scale._src.velo import DEFAULT_MAX_TRAINING_STEPS
+
+    if continuation not in (None, "naive", "increase"):
+        raise ValueError(
+            f"velo_optimizer.continuation must be None, 'increase' or 'naive' in "
+            f"T5X; got {continuation!r}. ('reset' is not recorded in a T5X "
+            "checkpoint, so a restart cannot tell whether it was applied: call "
+            "velo_scale.extend_horizon(state, num_steps, 'reset') on the restored "
+            "state yourself, or start a fresh run.)"
+        )
+    max_steps = max_training_steps or DEFAULT_MAX_TRAINING_STEPS
+    horizon = int(num_steps) // calls_per_step(int(num_steps), int(max_steps))
+
+    def check(state):
+        if not isinstance(state, VeLOState):
+            return state
+        try:
+            saved = int(state.num_steps)
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            return state  # abstract (eval_shape): nothing to compare yet
+        if saved == horizon:
+            return state
+        if continuation is None:
+            raise ValueError(
+                f"the restored VeLO state has a horizon of {saved} VeLO steps, but "
+                f"velo_optimizer.num_steps={num_steps} means {horizon}: resuming "
+                "would silently keep the old horizon. Set TRAIN_STEPS back to "
+                "finish that run, start a fresh run, or continue past the horizon "
+                "with velo_optimizer.continuation = 'increase' (or 'naive'), the "
+                "VeLO paper's Increase Steps / Naive Continue."
+            )
+        return extend_horizon(
+            state, int(num_steps), continuation, max_training_steps=int(max_steps)
+        )
+
+    return jax.tree_util.tree_map(
+        check, param_states, is_leaf=lambda x: isinstance(x, VeLOState)
+    )
+
+
 def _is_spec(x: Any) -> bool:
     return x is None or isinstance(x, PartitionSpec)
 
@@ -342,6 +410,7 @@ def velo_optimizer(
     max_training_steps: int | None = None,
     clip_norm: float | None = None,
     log_schedule: bool = True,
+    continuation: str | None = None,
 ) -> Any:
     """T5X optimizer definition for VeLO (gin: `OPTIMIZER = @velo_optimizer()`).
 
@@ -353,6 +422,8 @@ def velo_optimizer(
       clip_norm: if set, `optax.clip_by_global_norm(clip_norm)` runs first.
       log_schedule: `VeLOTrainer` adds `schedule_summaries` (VeLO's per-role
         `lr_mult` and step sizes) to the train metrics (TensorBoard).
+      continuation: how a restored VeLO state of another horizon goes on
+        (`check_restored_horizon`): None (an error), 'increase' or 'naive'.
 
     Returns:
       A `VeLOOptaxWrapper` (a `t5x.optimizers.OptaxWrapper`).
@@ -374,7 +445,9 @@ def velo_optimizer(
     )
     if clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    check_restored_horizon(None, num_steps, continuation)  # bad values fail now
     wrapper = _t5x_classes()["VeLOOptaxWrapper"](tx)
+    wrapper.horizon = (num_steps, continuation, max_training_steps)
     if log_schedule:
         from velo_scale._src.velo import _lazy_theta
 
@@ -411,6 +484,9 @@ def _t5x_classes() -> dict[str, Any]:
             # A function returning VeLO's theta for the schedule metrics
             # (set by `velo_optimizer(log_schedule=True)`), or None.
             self.schedule_weights = None
+            # (num_steps, continuation, max_training_steps) that restored
+            # states are checked against (`check_restored_horizon`), or None.
+            self.horizon = None
             register_partition_rules()
 
         # Only inside `param_states` does None mean "no slot": elsewhere (the
@@ -430,7 +506,14 @@ def _t5x_classes() -> dict[str, Any]:
                 **state_dict,
                 "state": {**state_dict["state"], "param_states": slots},
             }
-            return super().restore_state(opt_target, opt_state, state_dict)
+            target, state = super().restore_state(opt_target, opt_state, state_dict)
+            if self.horizon is not None:
+                state = state.replace(
+                    param_states=check_restored_horizon(
+                        state.param_states, *self.horizon
+                    )
+                )
+            return target, state
 
         def apply_gradient(self, hyper_params, params, state, grads):
             updates, new_state = loss_carrying_update(

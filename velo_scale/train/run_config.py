@@ -157,7 +157,7 @@ def explain(change: ConfigChange, workdir: str | os.PathLike) -> str:
             f"{change.requested} steps, or continue past the horizon with a "
             "continuation method, train.continuation = "
             + " | ".join(repr(m) for m in CONTINUATION_METHODS)
-            + " (the VeLO paper's Naive / Increase / Reset; issue 15)."
+            + " (the VeLO paper's Naive / Increase / Reset; README: The horizon)."
         )
     return (
         f"{head} Ways out: use a new --workdir, or set it back to what the "
