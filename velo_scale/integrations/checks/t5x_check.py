@@ -67,6 +67,7 @@ STEPS = 40
 KILL_AFTER = 20
 MICRO_STEPS = 10
 FINETUNE_STEPS = 20
+EXTEND_STEPS = 10
 CHECKPOINT_PERIOD = 10
 NUM_DEVICES = 4
 NUM_PARTITIONS = 2
@@ -206,7 +207,10 @@ class Runner:
         ]
         return cmd + [f"--gin.{b}" for b in bindings]
 
-    def run(self, name, gin_files, bindings, *, kill_when=None, fresh=True):
+    def run(
+        self, name, gin_files, bindings, *, kill_when=None, fresh=True,
+        expect_failure=False,
+    ):  # fmt: skip
         model_dir = self.runs / name
         if fresh and model_dir.exists():
             shutil.rmtree(model_dir)
@@ -222,12 +226,14 @@ class Runner:
             timeout=1800,
             kill_when=kill_when,
         )
-        if not killed:
+        if expect_failure:
+            common.ensure(code != 0, f"run {log_path.stem} should have failed")
+        elif not killed:
             common.ensure(
                 code == 0,
                 f"run {log_path.stem} exited {code}; see {log_path}:\n{common.tail(log_path)}",
             )
-        common.log(f"  {'killed' if killed else 'exit 0'} after {seconds:.0f} s")
+        common.log(f"  {'killed' if killed else f'exit {code}'} after {seconds:.0f} s")
         return model_dir, log_path, seconds
 
     def scalars(
@@ -478,6 +484,35 @@ def main(argv: Sequence[str] | None) -> int:
                 ),
             ],
         )
+
+    # 5. Past the horizon: the finished VeLO run restarted with a larger
+    # TRAIN_STEPS is refused, then continued with continuation='increase'.
+    longer = STEPS + EXTEND_STEPS
+    extend = ["velo_resume", velo + ["tiny.gin"]]
+    _, refused_log, seconds = runner.run(
+        *extend, [f"TRAIN_STEPS={longer}"], fresh=False, expect_failure=True
+    )
+    refused = "silently keep the old horizon" in refused_log.read_text(errors="replace")
+    model_dir, _, more_seconds = runner.run(
+        *extend,
+        [f"TRAIN_STEPS={longer}", "velo_t5x.velo_optimizer.continuation='increase'"],
+        fresh=False,
+    )
+    extended = runner.scalars(model_dir, LOSS)
+    record(
+        "velo_extend",
+        "VeLO",
+        extended,
+        seconds + more_seconds,
+        [
+            ("larger TRAIN_STEPS refused", refused),
+            (
+                f"continued ('increase') to step {longer}",
+                sorted(s for s in extended if s > STEPS)
+                == list(range(STEPS + 1, longer + 1)),
+            ),
+        ],
+    )
 
     header = [
         "run",
