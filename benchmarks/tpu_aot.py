@@ -249,11 +249,15 @@ def default_mesh_shape(n: int) -> tuple[int, int]:
     return n // tp, tp
 
 
-def make_mesh(topology: str, mesh_shape: tuple[int, int] | None):
+def make_mesh(
+    topology: str, mesh_shape: tuple[int, int] | None, n_devices: int | None = None
+):
     from jax.experimental import mesh_utils, topologies
     from jax.sharding import Mesh
 
     devices = topologies.get_topology_desc(topology, "tpu").devices
+    if n_devices:
+        devices = devices[:n_devices]
     shape = mesh_shape or default_mesh_shape(len(devices))
     if shape[0] * shape[1] != len(devices):
         raise ValueError(
@@ -277,7 +281,7 @@ def _param_specs(tree: Tree, mesh):
     return shapes, velo_scale.mesh_param_specs(shapes, wanted, mesh, True)
 
 
-def make_optimizer(name: str):
+def make_optimizer(name: str, implementation: str = "xla", skip_nonfinite: bool = True):
     import optax
 
     if name == "adamw":
@@ -286,11 +290,23 @@ def make_optimizer(name: str):
     import velo_scale
 
     theta = velo_scale.init_weights(jax.random.PRNGKey(0), velo_scale.Architecture())
-    return velo_scale.velo(num_steps=10_000, weights=theta)
+    return velo_scale.velo(
+        num_steps=10_000,
+        weights=theta,
+        implementation=implementation,
+        pallas_interpret=False,  # compile the Mosaic kernels for the TPU
+        skip_nonfinite=skip_nonfinite,
+    )
 
 
 def compile_step(
-    opt_name: str, tree: Tree, mesh, dump_hlo: Path | None = None, tree_name: str = ""
+    opt_name: str,
+    tree: Tree,
+    mesh,
+    dump_hlo: Path | None = None,
+    tree_name: str = "",
+    implementation: str = "xla",
+    skip_nonfinite: bool = True,
 ) -> dict[str, Any]:
     import jax
     import optax
@@ -299,7 +315,7 @@ def compile_step(
     from jax.sharding import PartitionSpec as P
 
     shapes, specs = _param_specs(tree, mesh)
-    tx = make_optimizer(opt_name)
+    tx = make_optimizer(opt_name, implementation, skip_nonfinite)
     param_sh = {n: NamedSharding(mesh, specs[n]) for n in shapes}
     state_sh = velo_scale.state_shardings(tx, shapes, mesh, specs)
     state = jax.eval_shape(tx.init, shapes)
@@ -803,6 +819,20 @@ def print_report(payload: dict, fit: bool, kernels: bool = False) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--topology", default="v5e:2x2")
+    parser.add_argument(
+        "--implementation",
+        default="xla",
+        choices=("xla", "pallas"),
+        help="VeLO's per-parameter passes: XLA fusions or Pallas TPU kernels",
+    )
+    parser.add_argument(
+        "--no-skip-nonfinite",
+        action="store_true",
+        help="compile VeLO with skip_nonfinite=False",
+    )
+    parser.add_argument(
+        "--devices", type=int, default=None, help="use only the first N devices"
+    )
     parser.add_argument("--mesh", default=None, help="FSDPxTP, e.g. 2x2 (default: near-square)")
     parser.add_argument("--trees", default="10m,transformer,depth")
     parser.add_argument("--optimizers", default="velo,adamw")
@@ -848,11 +878,13 @@ def main(argv: list[str] | None = None) -> None:
         if o not in ("velo", "adamw"):
             parser.error(f"--optimizers: unknown {o!r}; choose from velo, adamw")
 
-    mesh = make_mesh(args.topology, mesh_shape)
+    mesh = make_mesh(args.topology, mesh_shape, args.devices)
     meta = {
         "topology": args.topology,
         "devices": int(mesh.devices.size),
         "mesh": "x".join(str(s) for s in mesh.devices.shape),
+        "implementation": args.implementation,
+        "skip_nonfinite": not args.no_skip_nonfinite,
         "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "host": f"{platform.machine()}, {os.cpu_count()} cores, "
@@ -864,7 +896,10 @@ def main(argv: list[str] | None = None) -> None:
         row = {}
         for opt in optimizers:
             dump = Path(args.dump_hlo) if args.dump_hlo else None
-            result = compile_step(opt, tree, mesh, dump, tree_name)
+            result = compile_step(
+                opt, tree, mesh, dump, tree_name,
+                args.implementation, not args.no_skip_nonfinite,
+            )  # fmt: skip
             result["tree"] = tree_name
             row[opt] = result
             print(
