@@ -254,6 +254,8 @@ def velo_step(
     *,
     implementation: str = "xla",
     interpret: bool | None = None,
+    mesh: Any = None,
+    param_specs: Any = None,
 ) -> tuple[Any, VeLOState, VeLOIntermediates]:
     """One VeLO step as a pure function of arrays.
 
@@ -268,6 +270,10 @@ def velo_step(
         run as Pallas TPU kernels, the rest on the XLA path.
       interpret: Pallas only: run the kernels in Pallas' interpreter (any
         backend); None: unless the default backend is a TPU.
+      mesh, param_specs: Pallas only: the `jax.sharding.Mesh` and a tree like
+        params of `PartitionSpec`s (the state sharded as `state_shardings`
+        gives): the kernels then run inside `jax.shard_map`, each device on
+        its block. None: one device (or replicated).
 
     Returns:
       (updates f32 pytree like params, new state, intermediates).
@@ -277,7 +283,10 @@ def velo_step(
             f"implementation must be 'xla' or 'pallas'; got {implementation!r}."
         )
     if implementation == "pallas":
-        return _velo_step_pallas(theta, state, grads, params, loss, interpret)
+        return _velo_step_pallas(
+            theta, state, grads, params, loss, interpret,
+            mesh=mesh, param_specs=param_specs,
+        )  # fmt: skip
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     all_p = treedef.flatten_up_to(params)
     # Only trained leaves (float, non-empty) take part; the others keep zero
@@ -469,6 +478,8 @@ def velo(
     skip_nonfinite: bool = True,
     implementation: str = "xla",
     pallas_interpret: bool | None = None,
+    mesh: Any = None,
+    param_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """VeLO, the versatile learned optimizer, as an optax transformation.
 
@@ -514,6 +525,13 @@ def velo(
       pallas_interpret: "pallas" only: run the kernels in Pallas' interpreter
         (CPU, for tests); None: interpret unless the default backend is a TPU
         (set False to compile for a TPU ahead of time from a CPU host).
+      mesh, param_specs: "pallas" on a sharded mesh: the `Mesh` and a tree
+        like params of `PartitionSpec`s (mesh axes), the state sharded as
+        `state_shardings(tx, params, mesh, param_specs)` gives. The kernels
+        then run inside `jax.shard_map`, per tensor, each device on its
+        block, and only per-tensor sums are all-reduced. (Mosaic kernels are
+        not partitioned automatically: without these a sharded tensor is
+        gathered.) Ignored by "xla", which XLA partitions itself.
 
     Leaves: float leaves of any float dtype are trained (a Python float is a
     float32 scalar). Leaves VeLO does not train get zero updates in their own
@@ -578,6 +596,7 @@ def velo(
         updates, state, _ = velo_step(
             theta(), state, grads, params, loss,
             implementation=implementation, interpret=pallas_interpret,
+            mesh=mesh, param_specs=param_specs,
         )  # fmt: skip
         return updates, state
 
@@ -614,6 +633,7 @@ def velo(
             new_updates, state, _ = _velo_step_pallas(
                 theta(), state, grads, params, loss, pallas_interpret,
                 skip_nonfinite=True, decoupled_weight_decay=decoupled_weight_decay,
+                mesh=mesh, param_specs=param_specs,
             )  # fmt: skip
             return new_updates, state
         if accumulate > 1:
@@ -715,6 +735,8 @@ def _velo_step_pallas(
     interpret: bool | None,
     skip_nonfinite: bool = False,
     decoupled_weight_decay: float = 0.0,
+    mesh: Any = None,
+    param_specs: Any = None,
 ) -> tuple[Any, VeLOState, VeLOIntermediates]:
     """`velo_step` with the per-parameter passes as Pallas kernels.
 
@@ -742,7 +764,23 @@ def _velo_step_pallas(
     all_g = treedef.flatten_up_to(grads)
     shapes = [_shape(all_p[i]) for i in active]
     lift = [(1,) if s == () else s for s in shapes]
-    use = [velo_pallas.supported(s) for s in lift]
+    if mesh is not None:
+        if param_specs is None:
+            raise ValueError("implementation='pallas' with a mesh needs param_specs.")
+        from velo_scale._src import sharding as sharding_lib
+
+        all_specs = treedef.flatten_up_to(
+            sharding_lib.mesh_param_specs(params, param_specs, mesh)
+        )
+        tsh = [
+            velo_pallas.tensor_sharding(mesh, all_specs[i], len(s))
+            for i, s in zip(active, lift)
+        ]
+    else:
+        tsh = [None] * len(active)
+    use = [
+        velo_pallas.supported(t.local_shape(s) if t else s, s) for s, t in zip(lift, tsh)
+    ]
     raw_p = [jnp.asarray(all_p[i]).reshape(s) for i, s in zip(active, lift)]
     raw_g = [jnp.asarray(all_g[i]).reshape(s) for i, s in zip(active, lift)]
     state_leaves = [
@@ -768,7 +806,9 @@ def _velo_step_pallas(
     stats, mean_sq, new, aux = [None] * n, [None] * n, [None] * n, [None] * n
     for i in range(n):
         if use[i]:
-            a = velo_pallas.phase_a(raw_p[i], raw_g[i], lifted[i], interpret=interpret)
+            a = velo_pallas.sharded_phase_a(
+                raw_p[i], raw_g[i], lifted[i], tsh[i], interpret=interpret
+            )
             stats[i], mean_sq[i], aux[i] = a.stats, a.mean_sq, a
             continue
         p = raw_p[i].astype(jnp.float32)
@@ -796,8 +836,8 @@ def _velo_step_pallas(
         mlp = {k: w[i] for k, w in mlps.items()}
         dtype = _dtype(all_p[active[i]]) if skip_nonfinite else jnp.float32
         if use[i]:
-            update, acc, upd_bad = velo_pallas.phase_c(
-                mlp, w0[i], scale[i], raw_p[i], raw_g[i], lifted[i], aux[i],
+            update, acc, upd_bad = velo_pallas.sharded_phase_c(
+                mlp, w0[i], scale[i], raw_p[i], raw_g[i], lifted[i], aux[i], tsh[i],
                 interpret=interpret, update_dtype=dtype,
                 write_state=not skip_nonfinite,
                 decoupled_weight_decay=decoupled_weight_decay if skip_nonfinite else 0.0,
@@ -822,8 +862,8 @@ def _velo_step_pallas(
         finite = jnp.isfinite(loss) & ~jnp.any(jnp.stack(bad))
         for i in range(n):
             if use[i]:
-                acc = velo_pallas.write_accumulators(
-                    finite, raw_g[i], lifted[i], aux[i], interpret=interpret
+                acc = velo_pallas.sharded_write_accumulators(
+                    finite, raw_g[i], lifted[i], aux[i], tsh[i], interpret=interpret
                 )
                 new[i] = _lower_accumulators(acc, shapes[i] == (), old[i])
             else:

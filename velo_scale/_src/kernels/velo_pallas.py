@@ -81,14 +81,18 @@ class Layout(NamedTuple):
     d0_is_y: bool  # factored: whether the reduced axis d0 is Y
 
 
-def supported(shape: tuple[int, ...]) -> bool:
-    """Whether the kernels take a tensor of this (lifted) shape: its blocks
-    must fit the VMEM budget (else `velo_step` uses the XLA path for it)."""
-    return layout(shape).bx * layout(shape).y <= _BLOCK_ELEMENTS
+def supported(shape: tuple[int, ...], global_shape: tuple[int, ...] | None = None) -> bool:
+    """Whether the kernels take a tensor of this (lifted, local) shape: its
+    blocks must fit the VMEM budget (else `velo_step` uses the XLA path)."""
+    lay = layout(shape, global_shape)
+    return lay.bx * lay.y <= _BLOCK_ELEMENTS
 
 
-def layout(shape: tuple[int, ...]) -> Layout:
-    dims = accumulators.factored_dims(shape)
+def layout(shape: tuple[int, ...], global_shape: tuple[int, ...] | None = None) -> Layout:
+    """The view of a (local) block `shape` of a tensor of `global_shape`: the
+    factored axes are the global tensor's (a shard's largest axis may be
+    another one)."""
+    dims = accumulators.factored_dims(global_shape or shape)
     if dims is None:
         n = int(np.prod(shape))
         return Layout(tuple(shape), False, tuple(range(len(shape))), 1, 1, n, 1, True)
@@ -391,8 +395,8 @@ class PhaseA(NamedTuple):
     mean_sq: jax.Array  # f32[30], `channel_mean_squares`
     v_row: Any
     v_col: Any
-    xfac: Any  # f32[3, B, X, 1] row/column factors on X (factored)
-    yfac: Any  # f32[3, B, 1, Y]
+    row_factor: Any  # f32[*s with d0 of size 1, 3] (factored)
+    col_factor: Any  # f32[*s with d1 of size 1, 3]
     grad_nonfinite: jax.Array  # f32[], count of non-finite gradient elements
 
 
@@ -423,7 +427,7 @@ def phase_a(
     psum = psum or _identity_psum
     shape = tuple(p.shape)
     global_shape = tuple(global_shape or shape)
-    lay = layout(shape)
+    lay = layout(shape, global_shape)
     n_global = np.float32(math.prod(global_shape))
     nb = lay.x // lay.bx
     grid = (lay.b, nb)
@@ -499,7 +503,7 @@ def phase_a(
         mean_sq[c] = chan_sums[i] / n_global
 
     # Factored accumulators, in the tensor's own axes (as update_factored).
-    d1, d0 = accumulators.factored_dims(shape)
+    d1, d0 = accumulators.factored_dims(global_shape)
     rows = outs[1][:, :, 0]  # [B, X]: sums over Y
     cols = jnp.sum(outs[2][:, :, 0, :], axis=1)  # [B, Y]: sums over X
     y_axis, x_axis = lay.perm[-1], lay.perm[-2]
@@ -530,17 +534,7 @@ def phase_a(
     col_factor = accumulators.safe_rsqrt(v_col)
     rf = jnp.expand_dims(row_factor, d0)  # broadcastable to s + (3,)
     cf = jnp.expand_dims(col_factor, d1)
-
-    def factor_view(f, axis):
-        # [*s with size-1 axes, 3] -> [3, B, X, 1] or [3, B, 1, Y].
-        f = jnp.moveaxis(f, -1, 0)
-        f = jnp.transpose(f, (0,) + tuple(a + 1 for a in lay.perm))
-        return f.reshape(3, lay.b, lay.x if axis == "x" else 1, 1 if axis == "x" else lay.y)
-
-    # The row factor varies along d1, the column factor along d0.
-    rf_on = "x" if d1 == x_axis else "y"
-    rf_v, cf_v = factor_view(rf, rf_on), factor_view(cf, "y" if rf_on == "x" else "x")
-    xfac, yfac = (rf_v, cf_v) if rf_on == "x" else (cf_v, rf_v)
+    xfac, yfac = _factor_views(rf, cf, lay, d1)
 
     s2 = pl.pallas_call(
         _factored_kernel,
@@ -571,7 +565,22 @@ def phase_a(
         mean_sq[24 + k] = (
             psum(jnp.sum(jnp.square(jax.lax.rsqrt(c + 1e-8))), c_axes) / n_c
         )
-    return PhaseA(stats, jnp.stack(mean_sq), v_row, v_col, xfac, yfac, grad_bad)
+    return PhaseA(stats, jnp.stack(mean_sq), v_row, v_col, rf, cf, grad_bad)
+
+
+def _factor_views(rf, cf, lay: Layout, d1: int):
+    """Row/column factors [*s with a size-1 axis, 3] -> the kernels' views
+    xfac [3, B, X, 1] and yfac [3, B, 1, Y]."""
+
+    def factor_view(f, axis):
+        f = jnp.moveaxis(f, -1, 0)
+        f = jnp.transpose(f, (0,) + tuple(a + 1 for a in lay.perm))
+        return f.reshape(3, lay.b, lay.x if axis == "x" else 1, 1 if axis == "x" else lay.y)
+
+    # The row factor varies along d1, the column factor along d0.
+    rf_on = "x" if d1 == lay.perm[-2] else "y"
+    rf_v, cf_v = factor_view(rf, rf_on), factor_view(cf, "y" if rf_on == "x" else "x")
+    return (rf_v, cf_v) if rf_on == "x" else (cf_v, rf_v)
 
 
 def _clip_log_abs(v):
@@ -596,6 +605,7 @@ def phase_c(
     update_dtype: Any = jnp.float32,
     write_state: bool = True,
     decoupled_weight_decay: float = 0.0,
+    global_shape: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, param_net.Accumulators | None, jax.Array]:
     """The update and the new accumulators of one tensor (phase C).
 
@@ -605,13 +615,15 @@ def phase_c(
         is known to be finite).
       decoupled_weight_decay: `update -= decoupled_weight_decay * p` inside
         the kernel, before the cast to `update_dtype` and the finite count.
+      global_shape: the unsharded shape (inside `shard_map`); default `p.shape`.
 
     Returns:
       (update [*s] in update_dtype, new accumulators in the old ones' dtypes
       or None, f32[] count of non-finite update elements).
     """
     shape = tuple(p.shape)
-    lay = layout(shape)
+    global_shape = tuple(global_shape or shape)
+    lay = layout(shape, global_shape)
     nb = lay.x // lay.bx
     grid = (lay.b, nb)
     sp = _specs(lay)
@@ -648,7 +660,8 @@ def phase_c(
     bad_shape = jax.ShapeDtypeStruct((lay.b, nb, 8, _LANES), jnp.float32)
     if lay.factored:
         # Row / column channels summed at their own size, per hidden unit.
-        d1, d0 = accumulators.factored_dims(shape)
+        d1, d0 = accumulators.factored_dims(global_shape)
+        xfac, yfac = _factor_views(a.row_factor, a.col_factor, lay, d1)
         chans_r = [a.v_row[..., k] for k in range(3)]
         chans_r += [jax.lax.rsqrt(r + 1e-8) for r in chans_r]
         chans_c = [a.v_col[..., k] for k in range(3)]
@@ -678,7 +691,7 @@ def phase_c(
         xt, yt = (t_row_v, t_col_v) if row_on_x else (t_col_v, t_row_v)
         in_specs = [smem, sp["full"], sp["full"], sp["dec"], sp["rms"],
                     sp["xvec"](3), sp["yvec"](3), sp["xvec"](hidden), sp["yvec"](hidden)]  # fmt: skip
-        args = (flat, p_v, g_v, m_v, v_v, a.xfac, a.yfac, xt, yt)
+        args = (flat, p_v, g_v, m_v, v_v, xfac, yfac, xt, yt)
         aliases = {3: 1, 4: 2}
     else:
         vd_v = _decayed_to_view(acc.v_diag, lay)
@@ -735,12 +748,13 @@ def write_accumulators(
     a: PhaseA,
     *,
     interpret: bool = False,
+    global_shape: tuple[int, ...] | None = None,
 ) -> param_net.Accumulators:
     """The new accumulators where `ok`, else the old ones: one pass that reads
     g and the accumulators and writes them in place (aliased)."""
     from jax.experimental.pallas import tpu as pltpu
 
-    lay = layout(tuple(g.shape))
+    lay = layout(tuple(g.shape), global_shape)
     nb = lay.x // lay.bx
     sp = _specs(lay)
     g_v = _to_view(g, lay)
@@ -779,3 +793,153 @@ def write_accumulators(
     return param_net.Accumulators(
         m_new, v_new, None, None, _decayed_from_view(outs[2], lay)
     )
+
+
+# --------------------------------------------------------------------------
+# On a sharded mesh: the passes inside `jax.shard_map`, per tensor.
+
+
+class TensorSharding(NamedTuple):
+    """How one (lifted) tensor is sharded: per tensor axis, the mesh axes."""
+
+    mesh: Any
+    axes: tuple[tuple[str, ...], ...]
+
+    def names(self, tensor_axes) -> tuple[str, ...]:
+        return tuple(n for a in tensor_axes for n in self.axes[a])
+
+    def spec(self, drop: int | None = None, extra: int = 0):
+        """PartitionSpec of the tensor (axis `drop` replicated, e.g. a
+        size-1 or removed axis), plus `extra` replicated trailing axes."""
+        from jax.sharding import PartitionSpec as P
+
+        entries = [
+            None if (a == drop or not n) else (n[0] if len(n) == 1 else n)
+            for a, n in enumerate(self.axes)
+        ]
+        return P(*entries, *([None] * extra))
+
+    def spec_without(self, axis: int, extra: int = 1):
+        from jax.sharding import PartitionSpec as P
+
+        full = self.spec(extra=extra)
+        return P(*(e for a, e in enumerate(full) if a != axis))
+
+    def local_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(
+            s // math.prod(self.mesh.shape[n] for n in names)
+            for s, names in zip(shape, self.axes)
+        )
+
+    def psum(self, x, tensor_axes):
+        names = self.names(tensor_axes)
+        return jax.lax.psum(x, names) if names else x
+
+
+def tensor_sharding(mesh, spec, ndim: int) -> TensorSharding | None:
+    """None when `mesh` is None; `spec` a PartitionSpec of the tensor, or of
+    a scalar lifted to shape (1,) (then `P()`)."""
+    if mesh is None:
+        return None
+    entries = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+    axes = tuple(
+        () if e is None else (tuple(e) if isinstance(e, tuple) else (e,))
+        for e in entries
+    )
+    return TensorSharding(mesh, axes)
+
+
+def _acc_specs(sh: TensorSharding, shape, acc: param_net.Accumulators):
+    from jax.sharding import PartitionSpec as P
+
+    dims = accumulators.factored_dims(shape)
+    full = sh.spec(extra=1)
+    return param_net.Accumulators(
+        full,
+        full,
+        None if acc.v_row is None else sh.spec_without(dims[1]),
+        None if acc.v_col is None else sh.spec_without(dims[0]),
+        None if acc.v_diag is None else full,
+    ), P()
+
+
+def _phase_a_specs(sh: TensorSharding, shape, acc):
+    specs, rep = _acc_specs(sh, shape, acc)
+    dims = accumulators.factored_dims(shape)
+    if dims is None:
+        return PhaseA(rep, rep, None, None, None, None, rep)
+    d1, d0 = dims
+    return PhaseA(
+        rep, rep, specs.v_row, specs.v_col,
+        sh.spec(drop=d0, extra=1), sh.spec(drop=d1, extra=1), rep,
+    )  # fmt: skip
+
+
+def sharded_phase_a(p, g, acc, sh: TensorSharding | None, *, interpret=False) -> PhaseA:
+    """`phase_a`, inside `shard_map` over `sh.mesh` when `sh` is given (each
+    device on its block, the partial sums psum'd)."""
+    if sh is None:
+        return phase_a(p, g, acc, interpret=interpret)
+    shape = tuple(p.shape)
+
+    def fn(p, g, acc):
+        return phase_a(
+            p, g, acc, interpret=interpret, psum=sh.psum, global_shape=shape
+        )
+
+    acc_specs, _ = _acc_specs(sh, shape, acc)
+    return jax.shard_map(
+        fn,
+        mesh=sh.mesh,
+        in_specs=(sh.spec(), sh.spec(), acc_specs),
+        out_specs=_phase_a_specs(sh, shape, acc),
+        check_vma=False,
+    )(p, g, acc)
+
+
+def sharded_phase_c(
+    mlp, w0, scale, p, g, acc, a: PhaseA, sh: TensorSharding | None, **kw
+):
+    """`phase_c`, inside `shard_map` when `sh` is given; the non-finite
+    count is summed over the devices."""
+    if sh is None:
+        return phase_c(mlp, w0, scale, p, g, acc, a, **kw)
+    from jax.sharding import PartitionSpec as P
+
+    shape = tuple(p.shape)
+
+    def fn(mlp, w0, scale, p, g, acc, a):
+        update, new, bad = phase_c(mlp, w0, scale, p, g, acc, a, global_shape=shape, **kw)
+        return update, new, sh.psum(bad, tuple(range(len(shape))))
+
+    acc_specs, rep = _acc_specs(sh, shape, acc)
+    a_specs = _phase_a_specs(sh, shape, acc)
+    out_acc = acc_specs if kw.get("write_state", True) else None
+    return jax.shard_map(
+        fn,
+        mesh=sh.mesh,
+        in_specs=(P(), P(), P(), sh.spec(), sh.spec(), acc_specs, a_specs),
+        out_specs=(sh.spec(), out_acc, rep),
+        check_vma=False,
+    )(mlp, w0, scale, p, g, acc, a)
+
+
+def sharded_write_accumulators(ok, g, acc, a: PhaseA, sh: TensorSharding | None, **kw):
+    """`write_accumulators`, inside `shard_map` when `sh` is given."""
+    if sh is None:
+        return write_accumulators(ok, g, acc, a, **kw)
+    from jax.sharding import PartitionSpec as P
+
+    shape = tuple(g.shape)
+
+    def fn(ok, g, acc, a):
+        return write_accumulators(ok, g, acc, a, global_shape=shape, **kw)
+
+    acc_specs, _ = _acc_specs(sh, shape, acc)
+    return jax.shard_map(
+        fn,
+        mesh=sh.mesh,
+        in_specs=(P(), sh.spec(), acc_specs, _phase_a_specs(sh, shape, acc)),
+        out_specs=acc_specs,
+        check_vma=False,
+    )(ok, g, acc, a)
