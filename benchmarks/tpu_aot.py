@@ -249,11 +249,15 @@ def default_mesh_shape(n: int) -> tuple[int, int]:
     return n // tp, tp
 
 
-def make_mesh(topology: str, mesh_shape: tuple[int, int] | None):
+def make_mesh(
+    topology: str, mesh_shape: tuple[int, int] | None, n_devices: int | None = None
+):
     from jax.experimental import mesh_utils, topologies
     from jax.sharding import Mesh
 
     devices = topologies.get_topology_desc(topology, "tpu").devices
+    if n_devices:
+        devices = devices[:n_devices]
     shape = mesh_shape or default_mesh_shape(len(devices))
     if shape[0] * shape[1] != len(devices):
         raise ValueError(
@@ -277,7 +281,13 @@ def _param_specs(tree: Tree, mesh):
     return shapes, velo_scale.mesh_param_specs(shapes, wanted, mesh, True)
 
 
-def make_optimizer(name: str):
+def make_optimizer(
+    name: str,
+    implementation: str = "xla",
+    skip_nonfinite: bool = True,
+    mesh=None,
+    param_specs=None,
+):
     import optax
 
     if name == "adamw":
@@ -286,11 +296,26 @@ def make_optimizer(name: str):
     import velo_scale
 
     theta = velo_scale.init_weights(jax.random.PRNGKey(0), velo_scale.Architecture())
-    return velo_scale.velo(num_steps=10_000, weights=theta)
+    return velo_scale.velo(
+        num_steps=10_000,
+        weights=theta,
+        implementation=implementation,
+        pallas_interpret=False,  # compile the Mosaic kernels for the TPU
+        skip_nonfinite=skip_nonfinite,
+        # The Mosaic kernels run per device inside shard_map on a mesh.
+        mesh=mesh if implementation == "pallas" else None,
+        param_specs=param_specs if implementation == "pallas" else None,
+    )
 
 
 def compile_step(
-    opt_name: str, tree: Tree, mesh, dump_hlo: Path | None = None, tree_name: str = ""
+    opt_name: str,
+    tree: Tree,
+    mesh,
+    dump_hlo: Path | None = None,
+    tree_name: str = "",
+    implementation: str = "xla",
+    skip_nonfinite: bool = True,
 ) -> dict[str, Any]:
     import jax
     import optax
@@ -299,7 +324,7 @@ def compile_step(
     from jax.sharding import PartitionSpec as P
 
     shapes, specs = _param_specs(tree, mesh)
-    tx = make_optimizer(opt_name)
+    tx = make_optimizer(opt_name, implementation, skip_nonfinite, mesh, specs)
     param_sh = {n: NamedSharding(mesh, specs[n]) for n in shapes}
     state_sh = velo_scale.state_shardings(tx, shapes, mesh, specs)
     state = jax.eval_shape(tx.init, shapes)
@@ -770,7 +795,8 @@ def print_report(payload: dict, fit: bool, kernels: bool = False) -> None:
     meta = payload["meta"]
     print(
         f"TPU AOT: topology {meta['topology']} ({meta['devices']} chips, mesh "
-        f"fsdp x tensor = {meta['mesh']}), jax {meta['versions']['jax']}, "
+        f"fsdp x tensor = {meta['mesh']}), VeLO {meta.get('implementation', 'xla')}, "
+        f"jax {meta['versions']['jax']}, "
         f"libtpu {meta['versions']['libtpu']}, velo_scale "
         f"{meta['versions'].get('velo_scale_commit')}, {meta['date']}, host "
         f"{meta['host']}. Per chip; /param = per parameter element held by one chip."
@@ -803,6 +829,21 @@ def print_report(payload: dict, fit: bool, kernels: bool = False) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--topology", default="v5e:2x2")
+    parser.add_argument(
+        "--implementation",
+        default="xla",
+        help="VeLO's per-parameter passes: xla (XLA fusions) or pallas (Pallas TPU "
+        "kernels, in shard_map on a mesh); a list (pallas,xla) compiles each in the "
+        "same process against the same AdamW compile and reports each",
+    )
+    parser.add_argument(
+        "--no-skip-nonfinite",
+        action="store_true",
+        help="compile VeLO with skip_nonfinite=False",
+    )
+    parser.add_argument(
+        "--devices", type=int, default=None, help="use only the first N devices"
+    )
     parser.add_argument("--mesh", default=None, help="FSDPxTP, e.g. 2x2 (default: near-square)")
     parser.add_argument("--trees", default="10m,transformer,depth")
     parser.add_argument("--optimizers", default="velo,adamw")
@@ -848,36 +889,66 @@ def main(argv: list[str] | None = None) -> None:
         if o not in ("velo", "adamw"):
             parser.error(f"--optimizers: unknown {o!r}; choose from velo, adamw")
 
-    mesh = make_mesh(args.topology, mesh_shape)
+    implementations = [i.strip() for i in args.implementation.split(",") if i.strip()]
+    for i in implementations:
+        if i not in ("xla", "pallas"):
+            parser.error(f"--implementation: unknown {i!r}; choose from xla, pallas")
+
+    mesh = make_mesh(args.topology, mesh_shape, args.devices)
     meta = {
         "topology": args.topology,
         "devices": int(mesh.devices.size),
         "mesh": "x".join(str(s) for s in mesh.devices.shape),
+        "implementation": args.implementation,
+        "skip_nonfinite": not args.no_skip_nonfinite,
         "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "host": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"load {os.getloadavg()[0]:.1f} at start",
     }
-    payload = {"meta": meta, "results": []}
+    payloads = {
+        impl: {"meta": {**meta, "implementation": impl}, "results": []}
+        for impl in implementations
+    }
+
+    def json_path(impl):
+        path = Path(args.json_path)
+        if len(implementations) == 1:
+            return path
+        return path.with_suffix(f".{impl}{path.suffix}")
+
     for tree_name in trees:
         tree = build_tree(tree_name)
-        row = {}
+        rows = {impl: {} for impl in implementations}
         for opt in optimizers:
-            dump = Path(args.dump_hlo) if args.dump_hlo else None
-            result = compile_step(opt, tree, mesh, dump, tree_name)
-            result["tree"] = tree_name
-            row[opt] = result
-            print(
-                f"  {tree_name} {opt}: compile {result['compile_s']:.1f} s "
-                f"(CPU {result['compile_cpu_s']:.1f} s, lower {result['lower_s']:.1f} s,"
-                f" load {result['host_load']:.1f})",
-                file=sys.stderr,
-                flush=True,
-            )
-        payload["results"].append(row)
-        if args.json_path:  # partial results survive an interrupted sweep
-            Path(args.json_path).write_text(json.dumps(payload, indent=1) + "\n")
-    print_report(payload, args.fit, args.kernels)
+            # AdamW once per tree; VeLO once per implementation.
+            for impl in implementations if opt == "velo" else implementations[:1]:
+                dump = Path(args.dump_hlo) / impl if args.dump_hlo else None
+                result = compile_step(
+                    opt, tree, mesh, dump, tree_name, impl, not args.no_skip_nonfinite
+                )
+                result["tree"] = tree_name
+                result["implementation"] = impl if opt == "velo" else None
+                for target in implementations if opt == "adamw" else [impl]:
+                    rows[target][opt] = result
+                label = f"{opt} [{impl}]" if opt == "velo" else opt
+                print(
+                    f"  {tree_name} {label}: compile {result['compile_s']:.1f} s "
+                    f"(CPU {result['compile_cpu_s']:.1f} s, lower "
+                    f"{result['lower_s']:.1f} s, load {result['host_load']:.1f})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        for impl in implementations:
+            payloads[impl]["results"].append(rows[impl])
+            if args.json_path:  # partial results survive an interrupted sweep
+                json_path(impl).write_text(json.dumps(payloads[impl], indent=1) + "\n")
+    for k, impl in enumerate(implementations):
+        if k:
+            print()
+        if len(implementations) > 1:
+            print(f"## VeLO implementation: {impl}\n")
+        print_report(payloads[impl], args.fit, args.kernels)
 
 
 if __name__ == "__main__":

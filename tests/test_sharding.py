@@ -377,8 +377,11 @@ def test_fsdp_tp_update_has_only_small_all_reduces(tx):
     parameter shard and >= 32x below any whole matrix: a parameter-sized
     all-reduce (e.g. a replicated update) fails.
     """
-    mesh = _mesh()
-    params, specs = _fsdp_tp_tree()
+    _check_only_small_all_reduces(tx, _mesh(), *_fsdp_tp_tree())
+
+
+def _check_only_small_all_reduces(tx, mesh, params, specs):
+    """Compiles the donated step; asserts its collectives; returns it."""
     param_sh = {n: NamedSharding(mesh, s) for n, s in specs.items()}
     state_sh = velo_scale.state_shardings(tx, params, mesh, specs)
     min_shard = min(
@@ -412,3 +415,50 @@ def test_fsdp_tp_update_has_only_small_all_reduces(tx):
     assert collectives["all-reduce"], "sharded tensors need per-tensor all-reduces"
     assert max(collectives["all-reduce"]) <= 4096, sorted(collectives["all-reduce"])
     assert 4 * max(collectives["all-reduce"]) <= min_shard
+    return compiled, param_sh, state_sh
+
+
+def test_pallas_fsdp_tp_update_has_only_small_all_reduces(theta):
+    """The same for `implementation="pallas"` (kernels in Pallas' interpreter,
+    per tensor inside `shard_map`, each device on its block): only the
+    per-tensor sums are all-reduced. The sharded step also gives the
+    unsharded XLA path's numbers (the parity tolerances)."""
+    from tests.test_parity import TOL
+
+    mesh = _mesh()
+    params, specs = _fsdp_tp_tree(layers=1)
+    rng = np.random.default_rng(0)
+    params = {n: jnp.asarray(0.05 * rng.normal(size=x.shape), jnp.float32)
+              for n, x in params.items()}  # fmt: skip
+    grads = {n: jnp.asarray(0.01 * rng.normal(size=x.shape), jnp.float32)
+             for n, x in params.items()}  # fmt: skip
+    tx = velo_scale.velo(
+        100, weights=theta, implementation="pallas", pallas_interpret=True,
+        mesh=mesh, param_specs=specs,
+    )  # fmt: skip
+    compiled, param_sh, state_sh = _check_only_small_all_reduces(tx, mesh, params, specs)
+
+    ref_tx = velo_scale.velo(100, weights=theta)
+    state = ref_tx.init(params)
+    ref_u, ref_s = jax.jit(lambda g, s, p: ref_tx.update(g, s, p, loss=jnp.float32(1.0)))(
+        grads, state, params
+    )
+    ref_p = optax.apply_updates(params, ref_u)
+    got_p, got_s = compiled(
+        jax.device_put(params, param_sh),
+        jax.device_put(state, state_sh),
+        jax.device_put(grads, param_sh),
+        jnp.float32(1.0),
+    )
+    for n in params:
+        assert got_p[n].sharding.spec == param_sh[n].spec, n
+        np.testing.assert_allclose(got_p[n], ref_p[n], **TOL["params"], err_msg=n)
+        np.testing.assert_allclose(
+            got_s.momentum[n], ref_s.momentum[n], **TOL["mom"], err_msg=n
+        )
+        np.testing.assert_allclose(got_s.rms[n], ref_s.rms[n], **TOL["rms"], err_msg=n)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(got_s.factored), jax.tree_util.tree_leaves(ref_s.factored)
+    ):
+        np.testing.assert_allclose(a, b, **TOL["fac"])
+    np.testing.assert_allclose(got_s.lstm_hidden, ref_s.lstm_hidden, **TOL["lstm"])

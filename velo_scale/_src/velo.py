@@ -251,6 +251,11 @@ def velo_step(
     grads: Any,
     params: Any,
     loss: jax.Array,
+    *,
+    implementation: str = "xla",
+    interpret: bool | None = None,
+    mesh: Any = None,
+    param_specs: Any = None,
 ) -> tuple[Any, VeLOState, VeLOIntermediates]:
     """One VeLO step as a pure function of arrays.
 
@@ -260,10 +265,28 @@ def velo_step(
       grads: pytree like params, any float dtype.
       params: current params.
       loss: f32 scalar.
+      implementation: "xla" (default) or "pallas": the per-parameter passes
+        of every tensor the kernels take (`kernels.velo_pallas.supported`)
+        run as Pallas TPU kernels, the rest on the XLA path.
+      interpret: Pallas only: run the kernels in Pallas' interpreter (any
+        backend); None: unless the default backend is a TPU.
+      mesh, param_specs: Pallas only: the `jax.sharding.Mesh` and a tree like
+        params of `PartitionSpec`s (the state sharded as `state_shardings`
+        gives): the kernels then run inside `jax.shard_map`, each device on
+        its block. None: one device (or replicated).
 
     Returns:
       (updates f32 pytree like params, new state, intermediates).
     """
+    if implementation not in ("xla", "pallas"):
+        raise ValueError(
+            f"implementation must be 'xla' or 'pallas'; got {implementation!r}."
+        )
+    if implementation == "pallas":
+        return _velo_step_pallas(
+            theta, state, grads, params, loss, interpret,
+            mesh=mesh, param_specs=param_specs,
+        )  # fmt: skip
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     all_p = treedef.flatten_up_to(params)
     # Only trained leaves (float, non-empty) take part; the others keep zero
@@ -453,6 +476,10 @@ def velo(
     max_training_steps: int = DEFAULT_MAX_TRAINING_STEPS,
     state_dtype: Any = jnp.float32,
     skip_nonfinite: bool = True,
+    implementation: str = "xla",
+    pallas_interpret: bool | None = None,
+    mesh: Any = None,
+    param_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """VeLO, the versatile learned optimizer, as an optax transformation.
 
@@ -490,6 +517,21 @@ def velo(
         `state.nonfinite_steps`, so a run with a bad step k continues exactly
         as the run without step k. False gives the reference's behaviour (one
         NaN element then spreads into every tensor's state for ever).
+      implementation: "xla" (default): the per-parameter passes as XLA
+        fusions; "pallas": as Pallas TPU (Mosaic) kernels, three passes per
+        tensor (`velo_scale._src.kernels.velo_pallas`), tensors the kernels
+        do not take on the XLA path. On a sharded mesh the kernels run inside
+        `jax.shard_map`. Same numbers within float32 reassociation.
+      pallas_interpret: "pallas" only: run the kernels in Pallas' interpreter
+        (CPU, for tests); None: interpret unless the default backend is a TPU
+        (set False to compile for a TPU ahead of time from a CPU host).
+      mesh, param_specs: "pallas" on a sharded mesh: the `Mesh` and a tree
+        like params of `PartitionSpec`s (mesh axes), the state sharded as
+        `state_shardings(tx, params, mesh, param_specs)` gives. The kernels
+        then run inside `jax.shard_map`, per tensor, each device on its
+        block, and only per-tensor sums are all-reduced. (Mosaic kernels are
+        not partitioned automatically: without these a sharded tensor is
+        gathered.) Ignored by "xla", which XLA partitions itself.
 
     Leaves: float leaves of any float dtype are trained (a Python float is a
     float32 scalar). Leaves VeLO does not train get zero updates in their own
@@ -533,6 +575,10 @@ def velo(
     ):
         if value < 0:
             raise ValueError(f"{name} must be >= 0; got {value!r}.")
+    if implementation not in ("xla", "pallas"):
+        raise ValueError(
+            f"implementation must be 'xla' or 'pallas'; got {implementation!r}."
+        )
     theta = _lazy_theta(weights)
     accumulate = _num_accumulate(int(num_steps), int(max_training_steps))
     horizon = int(num_steps) // accumulate
@@ -547,7 +593,11 @@ def velo(
         if not any(is_trained(p) for p in jax.tree_util.tree_leaves(params)):
             zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
             return zeros, state._replace(iteration=state.iteration + 1)
-        updates, state, _ = velo_step(theta(), state, grads, params, loss)
+        updates, state, _ = velo_step(
+            theta(), state, grads, params, loss,
+            implementation=implementation, interpret=pallas_interpret,
+            mesh=mesh, param_specs=param_specs,
+        )  # fmt: skip
         return updates, state
 
     def update_fn(updates, state, params=None, *, loss=None, **extra_args):
@@ -573,6 +623,19 @@ def velo(
                 for p in jax.tree_util.tree_leaves(params)
                 if is_trained(p)
             )
+        if (
+            implementation == "pallas"
+            and skip_nonfinite
+            and accumulate == 1
+            and any(is_trained(p) for p in jax.tree_util.tree_leaves(params))
+        ):
+            # The kernels do the decoupled decay, the cast and the skip.
+            new_updates, state, _ = _velo_step_pallas(
+                theta(), state, grads, params, loss, pallas_interpret,
+                skip_nonfinite=True, decoupled_weight_decay=decoupled_weight_decay,
+                mesh=mesh, param_specs=param_specs,
+            )  # fmt: skip
+            return new_updates, state
         if accumulate > 1:
             new_updates, state = _accumulating_step(
                 step_fn, accumulate, state, grads, params, loss
@@ -661,3 +724,198 @@ def _accumulating_step(step_fn, accumulate, state, grads, params, loss):
         )
 
     return jax.lax.cond(count >= accumulate, apply, wait, None)
+
+
+def _velo_step_pallas(
+    theta: Mapping[str, Any],
+    state: VeLOState,
+    grads: Any,
+    params: Any,
+    loss: jax.Array,
+    interpret: bool | None,
+    skip_nonfinite: bool = False,
+    decoupled_weight_decay: float = 0.0,
+    mesh: Any = None,
+    param_specs: Any = None,
+) -> tuple[Any, VeLOState, VeLOIntermediates]:
+    """`velo_step` with the per-parameter passes as Pallas kernels.
+
+    Same inputs and outputs as `velo_step`. Tensors the kernels take
+    (`velo_pallas.supported`) run phase A as two reduction kernels and
+    phase C as one kernel that writes the update and the new accumulators;
+    the others take the XLA path (not grouped). Phase B is the same code.
+
+    With `skip_nonfinite` (used by `velo`'s update when it steps every
+    call) the step also does what `velo`'s update does after `velo_step`:
+    the decoupled weight decay and the cast to the params' dtypes (inside
+    the kernel), and the non-finite skip: the kernels count non-finite
+    gradient and update elements, phase C writes only the update, and a
+    last kernel per tensor writes the new accumulators in place, or keeps
+    the old ones when the step is skipped. The returned updates are then
+    final (zero on a skipped step) and `state.nonfinite_steps` is counted.
+    """
+    from velo_scale._src.kernels import velo_pallas
+
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    all_p = treedef.flatten_up_to(params)
+    active = [i for i, p in enumerate(all_p) if is_trained(p)]
+    all_g = treedef.flatten_up_to(grads)
+    shapes = [_shape(all_p[i]) for i in active]
+    lift = [(1,) if s == () else s for s in shapes]
+    if mesh is not None:
+        if param_specs is None:
+            raise ValueError("implementation='pallas' with a mesh needs param_specs.")
+        from velo_scale._src import sharding as sharding_lib
+
+        all_specs = treedef.flatten_up_to(
+            sharding_lib.mesh_param_specs(params, param_specs, mesh)
+        )
+        tsh = [
+            velo_pallas.tensor_sharding(mesh, all_specs[i], len(s))
+            for i, s in zip(active, lift)
+        ]
+    else:
+        tsh = [None] * len(active)
+    use = [
+        velo_pallas.supported(t.local_shape(s) if t else s, s) for s, t in zip(lift, tsh)
+    ]
+    raw_p = [jnp.asarray(all_p[i]).reshape(s) for i, s in zip(active, lift)]
+    raw_g = [jnp.asarray(all_g[i]).reshape(s) for i, s in zip(active, lift)]
+    state_leaves = [
+        treedef.flatten_up_to(x)
+        for x in (
+            state.momentum,
+            state.rms,
+            state.factored.v_row,
+            state.factored.v_col,
+            state.factored.v_diag,
+        )
+    ]
+    old = [param_net.Accumulators(*(f[i] for f in state_leaves)) for i in active]
+    lifted = [
+        _lift_accumulators_keep_dtype(a, s == ()) for a, s in zip(old, shapes)
+    ]
+
+    loss_buffer = loss_features.update(state.loss_buffer, loss)
+    loss_feats = loss_features.features(loss_buffer)
+    fraction = state.iteration / jnp.asarray(state.num_steps, jnp.float32)
+    n = len(shapes)
+
+    stats, mean_sq, new, aux = [None] * n, [None] * n, [None] * n, [None] * n
+    for i in range(n):
+        if use[i]:
+            a = velo_pallas.sharded_phase_a(
+                raw_p[i], raw_g[i], lifted[i], tsh[i], interpret=interpret
+            )
+            stats[i], mean_sq[i], aux[i] = a.stats, a.mean_sq, a
+            continue
+        p = raw_p[i].astype(jnp.float32)
+        g = jnp.clip(raw_g[i].astype(jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP)
+        acc = _lift_accumulators(old[i], shapes[i] == ())
+        stats[i] = tensor_net.tensor_statistics(p, acc.m, acc.v)
+        new[i] = param_net.update_accumulators(g, acc)
+        mean_sq[i] = param_net.channel_mean_squares(p, g, new[i])
+
+    ranks = np.stack([tensor_net.rank_one_hot(s) for s in shapes])
+    features = tensor_net.assemble_features(
+        jnp.stack(stats), ranks, fraction, loss_feats
+    )
+    controls, lr_mult, hidden, cell = tensor_net.apply(
+        theta["rnn_params"], features, state.lstm_hidden, state.lstm_cell
+    )
+    mlps = param_net.mix_bank(theta["ff_mod_stack"]["~"], controls)
+    mean_sq = jnp.stack(mean_sq)
+    w0 = param_net.first_layer(mlps, mean_sq)
+    scale = param_net.step_scale(lr_mult, mean_sq)
+
+    updates = [None] * n
+    bad = []  # non-finite element counts (f32[]) and flags (bool[])
+    for i in range(n):
+        mlp = {k: w[i] for k, w in mlps.items()}
+        dtype = _dtype(all_p[active[i]]) if skip_nonfinite else jnp.float32
+        if use[i]:
+            update, acc, upd_bad = velo_pallas.sharded_phase_c(
+                mlp, w0[i], scale[i], raw_p[i], raw_g[i], lifted[i], aux[i], tsh[i],
+                interpret=interpret, update_dtype=dtype,
+                write_state=not skip_nonfinite,
+                decoupled_weight_decay=decoupled_weight_decay if skip_nonfinite else 0.0,
+            )  # fmt: skip
+            if acc is not None:
+                new[i] = _lower_accumulators(acc, shapes[i] == (), old[i])
+            bad += [aux[i].grad_nonfinite > 0, upd_bad > 0]
+        else:
+            p = raw_p[i].astype(jnp.float32)
+            g = jnp.clip(raw_g[i].astype(jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP)
+            update = param_net.apply(mlp, w0[i], scale[i], p, g, new[i])
+            new[i] = _lower_accumulators(new[i], shapes[i] == (), old[i])
+            if skip_nonfinite:
+                if decoupled_weight_decay:
+                    update = update - decoupled_weight_decay * p
+                update = update.astype(dtype)
+                bad += [~_all_finite([raw_g[i]]), ~_all_finite([update])]
+        updates[i] = update.reshape(shapes[i])
+
+    finite = None
+    if skip_nonfinite:
+        finite = jnp.isfinite(loss) & ~jnp.any(jnp.stack(bad))
+        for i in range(n):
+            if use[i]:
+                acc = velo_pallas.sharded_write_accumulators(
+                    finite, raw_g[i], lifted[i], aux[i], tsh[i], interpret=interpret
+                )
+                new[i] = _lower_accumulators(acc, shapes[i] == (), old[i])
+            else:
+                new[i] = param_net.Accumulators(
+                    *(
+                        None if a is None else jnp.where(finite, a, b)
+                        for a, b in zip(new[i], old[i])
+                    )
+                )
+            updates[i] = jnp.where(finite, updates[i], jnp.zeros_like(updates[i]))
+
+    full_updates = [jnp.zeros_like(p) for p in all_p]
+    fields = [list(f) for f in state_leaves]
+    for k, i in enumerate(active):
+        full_updates[i] = updates[k]
+        for f, value in zip(fields, new[k]):
+            f[i] = value
+    new_m, new_v, new_row, new_col, new_diag = (treedef.unflatten(f) for f in fields)
+    small = dict(
+        iteration=state.iteration + 1,
+        lstm_hidden=hidden,
+        lstm_cell=cell,
+        loss_buffer=loss_buffer,
+    )
+    if finite is not None:
+        small = {
+            k: jax.tree_util.tree_map(
+                lambda a, b: jnp.where(finite, a, b), v, getattr(state, k)
+            )
+            for k, v in small.items()
+        }
+        small["nonfinite_steps"] = state.nonfinite_steps + (~finite).astype(jnp.int32)
+    new_state = state._replace(
+        momentum=new_m,
+        rms=new_v,
+        factored=FactoredState(v_row=new_row, v_col=new_col, v_diag=new_diag),
+        **small,
+    )
+    intermediates = VeLOIntermediates(
+        fraction_trained=fraction,
+        loss_features=loss_feats,
+        rnn_inputs=features,
+        control_params=controls,
+        lr_mult=lr_mult,
+    )
+    return treedef.unflatten(full_updates), new_state, intermediates
+
+
+def _lift_accumulators_keep_dtype(
+    acc: param_net.Accumulators, scalar: bool
+) -> param_net.Accumulators:
+    """`_lift_accumulators` without the cast (the kernels cast inside)."""
+    if scalar:
+        acc = acc._replace(m=acc.m[None], v=acc.v[None], v_diag=acc.v_diag[None])
+    return acc

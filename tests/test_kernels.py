@@ -1,0 +1,126 @@
+"""The Pallas kernels (`velo(..., implementation="pallas")`) against the XLA path.
+
+The kernels run in Pallas' interpreter on CPU (`pallas_interpret=True`); the
+tolerances are the parity tests' (tests/test_parity.py), applied to the XLA
+path's results.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import velo_scale
+from tests.test_parity import TOL
+from velo_scale._src.kernels import velo_pallas
+
+# 2-D both ways round (d0 the column / the row axis; the tall one in two row
+# blocks), a vector, a scalar, a 3-D tensor (factored axes 1, 2; axis 0
+# batch), a 3-D tensor whose factored axes are not the last two; no size is a
+# multiple of the (8, 128) tile.
+SHAPES = {
+    "wide": (12, 40),
+    "tall": (1024, 40),
+    "bias": (40,),
+    "scalar": (),
+    "cube": (3, 5, 7),
+    "mixed": (6, 2, 9),
+}
+
+
+SMALL = {k: SHAPES[k] for k in ("wide", "bias")}
+
+
+# The compiles dominate this file's time: XLA:CPU's backend at -O0 takes a
+# third less (float semantics are the same: no fast math at either level).
+_FAST_COMPILE = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
+
+
+def _tree(seed, scale=1.0, shapes=SHAPES):
+    rng = np.random.default_rng(seed)
+    return {
+        k: jnp.asarray(scale * rng.normal(size=s), jnp.float32) for k, s in shapes.items()
+    }
+
+
+def _run(theta, implementation, steps=2, grads=None, shapes=SHAPES, **kw):
+    tx = velo_scale.velo(
+        100, weights=theta, implementation=implementation, pallas_interpret=True, **kw
+    )
+    params = _tree(0, shapes=shapes)
+    state = tx.init(params)
+    update = jax.jit(
+        lambda g, s, p, loss: tx.update(g, s, p, loss=loss),
+        compiler_options=_FAST_COMPILE,
+    )
+    out = []
+    for k in range(steps):
+        g = grads[k] if grads is not None else _tree(k + 1, 0.1, shapes)
+        u, state = update(g, state, params, jnp.float32(1.0 / (k + 1)))
+        params = jax.tree_util.tree_map(lambda a, b: a + b, params, u)
+        out.append((u, state, params))
+    return out
+
+
+def _close(a, b, tol, what):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), **tol, err_msg=what)
+
+
+def _compare(ref, got):
+    for k, ((_, s0, p0), (_, s1, p1)) in enumerate(zip(ref, got)):
+        for name in p0:
+            _close(p0[name], p1[name], TOL["params"], f"step {k} params {name}")
+            _close(s0.momentum[name], s1.momentum[name], TOL["mom"], f"mom {name}")
+            _close(s0.rms[name], s1.rms[name], TOL["rms"], f"rms {name}")
+        for field in ("v_row", "v_col", "v_diag"):
+            a = jax.tree_util.tree_leaves(getattr(s0.factored, field))
+            b = jax.tree_util.tree_leaves(getattr(s1.factored, field))
+            assert len(a) == len(b)
+            for x, y in zip(a, b):
+                _close(x, y, TOL["fac"], f"step {k} {field}")
+        _close(s0.lstm_hidden, s1.lstm_hidden, TOL["lstm"], "lstm hidden")
+        _close(s0.lstm_cell, s1.lstm_cell, TOL["lstm"], "lstm cell")
+        assert int(s0.iteration) == int(s1.iteration)
+        assert int(s0.nonfinite_steps) == int(s1.nonfinite_steps)
+
+
+def test_every_shape_takes_the_kernels():
+    for shape in SHAPES.values():
+        assert velo_pallas.supported((1,) if shape == () else shape), shape
+    # Several row blocks for the large one.
+    lay = velo_pallas.layout((1024, 40))
+    assert lay.x // lay.bx == 2
+
+
+def test_pallas_matches_xla_and_skips_a_nonfinite_step(theta):
+    """Every shape, three steps; the second has a NaN gradient element, so
+    the whole step is skipped (zero updates, state kept, counted)."""
+    bad = _tree(2, 0.1)
+    bad["mixed"] = bad["mixed"].at[1, 1, 3].set(jnp.nan)
+    grads = [_tree(1, 0.1), bad, _tree(3, 0.1)]
+    ref = _run(theta, "xla", 3, grads)
+    got = _run(theta, "pallas", 3, grads)
+    _compare(ref, got)
+    assert [int(s.nonfinite_steps) for _, s, _ in got] == [0, 1, 1]
+    for name in SHAPES:
+        np.testing.assert_array_equal(np.asarray(got[1][0][name]), 0.0)
+        np.testing.assert_array_equal(
+            np.asarray(got[1][1].momentum[name]), np.asarray(got[0][1].momentum[name])
+        )
+
+
+def test_pallas_matches_xla_without_skip_and_with_decay(theta):
+    """skip_nonfinite=False: the update kernel also writes the accumulators
+    (a factored 2-D tensor, a vector)."""
+    kw = dict(skip_nonfinite=False, decoupled_weight_decay=1e-2, weight_decay=1e-3)
+    _compare(
+        _run(theta, "xla", shapes=SMALL, **kw), _run(theta, "pallas", shapes=SMALL, **kw)
+    )
+
+
+def test_unknown_implementation():
+    with pytest.raises(ValueError, match="implementation"):
+        velo_scale.velo(10, implementation="triton")

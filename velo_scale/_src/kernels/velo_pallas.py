@@ -1,0 +1,945 @@
+"""Pallas TPU (Mosaic) kernels for VeLO's per-parameter passes of one tensor.
+
+Opt-in through `velo(..., implementation="pallas")`; the XLA path of
+`velo.velo_step` stays the default and the fallback. Per tensor there are
+three passes over the parameter-sized arrays (the per-tensor LSTM runs, as in
+the XLA path, between the 2nd and the 3rd):
+
+1. `_reduce_kernel` reads p, g, the 3 momenta and rms once and gives every
+   tensor-wide sum that needs no factored accumulator: the LSTM statistics of
+   the previous state (block means and centred sums of squares, combined with
+   Chan's formula, so the variances stay centred like the XLA path's), the 24
+   elementwise channel sums of squares of the updated accumulators, the
+   row and column sums of g**2 (the factored accumulators' input) and a count
+   of non-finite gradient elements.
+2. `_factored_kernel` (factored tensors only) reads g and the momenta once
+   more for the 6 channels that need the new row/column factors.
+3. `_apply_kernel` recomputes the channels, runs the per-parameter MLP and
+   writes the new momenta, rms (and diagonal accumulators) and the update,
+   and counts non-finite update elements.
+
+Every tensor is seen as `[B, X, Y]` (batch axes first, then the two factored
+axes in their order; vectors and scalars as `[1, 1, n]`), the momentum
+`[*s, 3]` as `[3, B, X, Y]` and rms `[*s, 1]` as `[B, X, 1, Y]`: for a 2-D
+tensor these are bitcasts of the layouts XLA:TPU gives the state
+(`{1,0,2:T(8,128)}` and `{1,2,0:T(1,128)}`), so no copy is made. The kernels
+run on the TPU; `interpret=True` runs them on any backend (tests on CPU).
+Mosaic custom calls are not auto-partitioned: on a sharded mesh
+`velo_step` runs them inside `jax.shard_map`, with the partial sums
+`psum`'d over the mesh axes the tensor is sharded on.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from velo_scale._src import accumulators, param_net
+
+GRADIENT_CLIP = 1000.0
+_LANES = 128
+# Elements of one [bx, Y] block: the apply kernel holds ~11 parameter-sized
+# blocks, each double buffered, and ~30 block-sized temporaries in VMEM.
+_BLOCK_ELEMENTS = 32 * 1024
+_VMEM_LIMIT_BYTES = 48 * 1024 * 1024
+
+# Rows of the per-block sums output of the reduce kernel.
+_S1 = 40
+_S2 = 8
+
+
+def _sum(x):
+    return jnp.sum(x, keepdims=True).reshape(1, 1)
+
+
+def _put(ref, rows: list) -> None:
+    """Writes scalars (each [1, 1]) broadcast over the lanes of rows 0..n-1."""
+    for k, s in enumerate(rows):
+        ref[k : k + 1, :] = jnp.broadcast_to(s, (1, _LANES))
+    n = len(rows)
+    if n < ref.shape[0]:
+        ref[n:, :] = jnp.zeros((ref.shape[0] - n, _LANES), jnp.float32)
+
+
+class Layout(NamedTuple):
+    """How one tensor is viewed by the kernels."""
+
+    shape: tuple[int, ...]  # the tensor's (lifted) shape, rank >= 1
+    factored: bool
+    perm: tuple[int, ...]  # tensor axes -> [batch..., X axis, Y axis]
+    b: int
+    x: int
+    y: int
+    bx: int  # rows of X per block
+    d0_is_y: bool  # factored: whether the reduced axis d0 is Y
+
+
+def supported(shape: tuple[int, ...], global_shape: tuple[int, ...] | None = None) -> bool:
+    """Whether the kernels take a tensor of this (lifted, local) shape: its
+    blocks must fit the VMEM budget (else `velo_step` uses the XLA path)."""
+    lay = layout(shape, global_shape)
+    return lay.bx * lay.y <= _BLOCK_ELEMENTS
+
+
+def layout(shape: tuple[int, ...], global_shape: tuple[int, ...] | None = None) -> Layout:
+    """The view of a (local) block `shape` of a tensor of `global_shape`: the
+    factored axes are the global tensor's (a shard's largest axis may be
+    another one)."""
+    dims = accumulators.factored_dims(global_shape or shape)
+    if dims is None:
+        n = int(np.prod(shape))
+        return Layout(tuple(shape), False, tuple(range(len(shape))), 1, 1, n, 1, True)
+    d1, d0 = dims
+    lo, hi = min(d0, d1), max(d0, d1)
+    batch = [a for a in range(len(shape)) if a not in (d0, d1)]
+    perm = tuple(batch + [lo, hi])
+    b = int(np.prod([shape[a] for a in batch])) if batch else 1
+    x, y = shape[lo], shape[hi]
+    bx = x
+    if x * y > _BLOCK_ELEMENTS:
+        for cand in range(min(x, max(8, _BLOCK_ELEMENTS // max(y, 1))), 7, -1):
+            if x % cand == 0 and cand % 8 == 0:
+                bx = cand
+                break
+    return Layout(tuple(shape), True, perm, b, x, y, bx, d0 == hi)
+
+
+def _to_view(a: jax.Array, lay: Layout) -> jax.Array:
+    """[*s] -> [B, X, Y]."""
+    if lay.perm != tuple(range(len(lay.shape))):
+        a = jnp.transpose(a, lay.perm)
+    return a.reshape(lay.b, lay.x, lay.y)
+
+
+def _from_view(a: jax.Array, lay: Layout) -> jax.Array:
+    """[B, X, Y] -> [*s]."""
+    permuted = tuple(lay.shape[i] for i in lay.perm)
+    a = a.reshape(permuted)
+    if lay.perm != tuple(range(len(lay.shape))):
+        a = jnp.transpose(a, np.argsort(lay.perm))
+    return a
+
+
+def _decayed_to_view(a: jax.Array, lay: Layout) -> jax.Array:
+    """[*s, k] -> [k, B, X, Y]."""
+    k = a.shape[-1]
+    a = jnp.moveaxis(a, -1, 0)
+    if lay.perm != tuple(range(len(lay.shape))):
+        a = jnp.transpose(a, (0,) + tuple(p + 1 for p in lay.perm))
+    return a.reshape(k, lay.b, lay.x, lay.y)
+
+
+def _decayed_from_view(a: jax.Array, lay: Layout) -> jax.Array:
+    k = a.shape[0]
+    permuted = tuple(lay.shape[i] for i in lay.perm)
+    a = a.reshape((k,) + permuted)
+    if lay.perm != tuple(range(len(lay.shape))):
+        a = jnp.transpose(a, (0,) + tuple(int(i) + 1 for i in np.argsort(lay.perm)))
+    return jnp.moveaxis(a, 0, -1)
+
+
+def _rms_to_view(v: jax.Array, lay: Layout) -> jax.Array:
+    """[*s, 1] -> [B, X, 1, Y] (a bitcast of XLA:TPU's layout for 2-D)."""
+    v = jnp.moveaxis(v, -1, -2) if len(lay.shape) >= 1 else v
+    if lay.perm != tuple(range(len(lay.shape))) or len(lay.shape) != 2:
+        return _to_view(v.reshape(lay.shape), lay)[:, :, None, :]
+    return v.reshape(lay.b, lay.x, 1, lay.y)
+
+
+def _rms_from_view(v: jax.Array, lay: Layout) -> jax.Array:
+    if lay.perm != tuple(range(len(lay.shape))) or len(lay.shape) != 2:
+        return _from_view(v[:, :, 0, :], lay)[..., None]
+    return jnp.moveaxis(v.reshape(lay.x, 1, lay.y), -2, -1)
+
+
+# --------------------------------------------------------------------------
+# Kernels. Blocks: p, g [bx, Y]; m [3, bx, Y]; v [bx, Y] (rms squeezed).
+
+
+def _momentum_decays():
+    return [float(d) for d in np.asarray(accumulators.MOMENTUM_DECAYS, np.float32)]
+
+
+def _clip_decays(values):
+    return [float(d) for d in np.clip(np.asarray(values, np.float32), 0.0, 1.0)]
+
+
+def _new_accumulators(g, m_ref, v_ref, vd_ref=None):
+    """Updated momenta, rms (and diagonal) of a block, f32, as in
+    `accumulators.update_*`."""
+    md = _momentum_decays()
+    (rd,) = _clip_decays(accumulators.RMS_DECAYS)
+    m_new = [
+        np.float32(d) * m_ref[k].astype(jnp.float32) + np.float32(1 - np.float32(d)) * g
+        for k, d in enumerate(md)
+    ]
+    v_new = np.float32(rd) * v_ref[...].astype(jnp.float32) + np.float32(
+        1 - np.float32(rd)
+    ) * (g * g)
+    vd_new = None
+    if vd_ref is not None:
+        ad = _clip_decays(accumulators.ADAFACTOR_DECAYS)
+        grad_sqr = g * g + np.float32(accumulators.ADAFACTOR_EPSILON)
+        vd_new = [
+            np.float32(d) * vd_ref[k].astype(jnp.float32)
+            + np.float32(1 - np.float32(d)) * grad_sqr
+            for k, d in enumerate(ad)
+        ]
+    return m_new, v_new, vd_new
+
+
+def _elementwise_channels(p, g, m_new, v_new, vd_new):
+    """The full-size channels, by channel index (see `feature_channels`)."""
+    rsqrt_v = jax.lax.rsqrt(v_new + np.float32(1e-6))
+    ch = {0: g, 1: jnp.clip(g, -0.1, 0.1), 2: p, 6: v_new, 10: rsqrt_v, 14: g * rsqrt_v}
+    for k in range(3):
+        ch[3 + k] = m_new[k]
+        ch[7 + k] = m_new[k] * rsqrt_v
+    if vd_new is not None:
+        for k, di in enumerate(vd_new):
+            ch[11 + k] = g * jax.lax.rsqrt(jnp.maximum(di + np.float32(1e-9), 1e-9))
+            ch[15 + k] = di
+            ch[18 + k] = di
+            r = jax.lax.rsqrt(di + np.float32(1e-8))
+            ch[21 + k] = r
+            ch[24 + k] = r
+            ch[27 + k] = m_new[k] * jax.lax.rsqrt(di)
+    return ch
+
+
+def _reduce_kernel(*refs, factored: bool):
+    if factored:
+        p_ref, g_ref, m_ref, v_ref, s_ref, row_ref, col_ref = refs
+        vd_ref = None
+    else:
+        p_ref, g_ref, m_ref, v_ref, vd_ref, s_ref = refs
+    p = p_ref[...].astype(jnp.float32)
+    g_raw = g_ref[...].astype(jnp.float32)
+    bad = _sum(jnp.where(jnp.isfinite(g_raw), 0.0, 1.0))
+    g = jnp.clip(g_raw, -GRADIENT_CLIP, GRADIENT_CLIP)
+    n = np.float32(p.size)
+    # Statistics of the previous state: block means and centred sums.
+    stats = []
+    for k in range(3):
+        mk = m_ref[k].astype(jnp.float32)
+        mean = _sum(mk) / n
+        stats += [mean, _sum(jnp.square(mk - mean))]
+    v_old = v_ref[...].astype(jnp.float32)
+    mean_v = _sum(v_old) / n
+    stats += [mean_v, _sum(jnp.square(v_old - mean_v))]
+    m_new, v_new, vd_new = _new_accumulators(g, m_ref, v_ref, vd_ref)
+    ch = _elementwise_channels(p, g, m_new, v_new, vd_new)
+    sums = [_sum(jnp.square(ch[c])) for c in sorted(ch)]
+    _put(s_ref, stats + sums + [bad])
+    if factored:
+        grad_sqr = g * g + np.float32(accumulators.ADAFACTOR_EPSILON)
+        row_ref[...] = jnp.sum(grad_sqr, axis=1, keepdims=True)
+        col_ref[...] = jnp.sum(grad_sqr, axis=0, keepdims=True)
+
+
+def _factored_kernel(g_ref, m_ref, xf_ref, yf_ref, s_ref):
+    g = jnp.clip(g_ref[...].astype(jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP)
+    md = _momentum_decays()
+    sums_g, sums_m = [], []
+    for k, d in enumerate(md):
+        factor = xf_ref[k] * yf_ref[k]
+        mk = np.float32(d) * m_ref[k].astype(jnp.float32) + np.float32(
+            1 - np.float32(d)
+        ) * g
+        sums_g.append(_sum(jnp.square(g * factor)))
+        sums_m.append(_sum(jnp.square(mk * factor)))
+    _put(s_ref, sums_g + sums_m)
+
+
+def _apply_kernel(
+    *refs,
+    factored: bool,
+    n_full: int,
+    hidden: int,
+    layers: int,
+    write_state: bool,
+    decoupled_weight_decay: float,
+):
+    refs = list(refs)
+    w_ref, p_ref, g_ref, m_ref, v_ref = refs[:5]
+    del refs[:5]
+    vd_ref = None if factored else refs.pop(0)
+    if factored:
+        xf_ref, yf_ref, xt_ref, yt_ref = refs[:4]
+        del refs[:4]
+    u_ref = refs.pop(0)
+    mo_ref = vo_ref = vdo_ref = None
+    if write_state:
+        mo_ref, vo_ref = refs[:2]
+        del refs[:2]
+        vdo_ref = None if factored else refs.pop(0)
+    (bad_ref,) = refs
+    p = p_ref[...].astype(jnp.float32)
+    g = jnp.clip(g_ref[...].astype(jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP)
+    m_new, v_new, vd_new = _new_accumulators(g, m_ref, v_ref, vd_ref)
+    ch = _elementwise_channels(p, g, m_new, v_new, vd_new)
+    if factored:
+        for k in range(3):
+            factor = xf_ref[k] * yf_ref[k]
+            ch[11 + k] = g * factor
+            ch[27 + k] = m_new[k] * factor
+    full = sorted(ch)
+    assert len(full) == n_full
+    # Scalars (SMEM): w0 rows of the full-size channels [n_full, F], b0 [F],
+    # then per hidden layer w [F, F'] and b [F'], then the step scale.
+    off = 0
+
+    def take(n):
+        nonlocal off
+        vals = [w_ref[off + i] for i in range(n)]
+        off += n
+        return vals
+
+    w0 = take(n_full * hidden)
+    b0 = take(hidden)
+    h = []
+    for j in range(hidden):
+        total = None
+        for i, c in enumerate(full):
+            term = ch[c] * w0[i * hidden + j]
+            total = term if total is None else total + term
+        if factored:
+            total = total + (xt_ref[j] + yt_ref[j])
+        h.append(total + b0[j])
+    for layer in range(1, layers + 1):
+        width_in = len(h)
+        width = hidden if layer < layers else 2
+        w = take(width_in * width)
+        b = take(width)
+        h = [jnp.maximum(x, 0.0) for x in h]
+        out = []
+        for j in range(width):
+            total = None
+            for i in range(width_in):
+                term = h[i] * w[i * width + j]
+                total = term if total is None else total + term
+            out.append(total + b[j])
+        h = out
+    (scale,) = take(1)
+    direction, magnitude = h[0], h[1]
+    u = -(scale * (direction * jnp.exp(magnitude * np.float32(param_net.EXP_MULT))))
+    if decoupled_weight_decay:
+        u = u - np.float32(decoupled_weight_decay) * p
+    u = u.astype(u_ref.dtype)
+    u_ref[...] = u
+    if write_state:
+        for k in range(3):
+            mo_ref[k] = m_new[k].astype(mo_ref.dtype)
+        vo_ref[...] = v_new.astype(vo_ref.dtype)
+        if vdo_ref is not None:
+            for k in range(3):
+                vdo_ref[k] = vd_new[k].astype(vdo_ref.dtype)
+    bad_ref[...] = jnp.broadcast_to(
+        _sum(jnp.where(jnp.isfinite(u.astype(jnp.float32)), 0.0, 1.0)), bad_ref.shape
+    )
+
+
+def _state_kernel(ok_ref, g_ref, m_ref, v_ref, *refs):
+    """New accumulators where `ok_ref[0] != 0`, else the old ones (in place)."""
+    vd_ref = refs[0] if len(refs) == 4 else None
+    outs = refs[-3:] if vd_ref is not None else refs[-2:]
+    g = jnp.clip(g_ref[...].astype(jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP)
+    m_new, v_new, vd_new = _new_accumulators(g, m_ref, v_ref, vd_ref)
+    ok = ok_ref[0] != 0
+    mo_ref, vo_ref = outs[0], outs[1]
+    for k in range(3):
+        mo_ref[k] = jnp.where(ok, m_new[k].astype(mo_ref.dtype), m_ref[k])
+    vo_ref[...] = jnp.where(ok, v_new.astype(vo_ref.dtype), v_ref[...])
+    if vd_ref is not None:
+        vdo_ref = outs[2]
+        for k in range(3):
+            vdo_ref[k] = jnp.where(ok, vd_new[k].astype(vdo_ref.dtype), vd_ref[k])
+
+
+# --------------------------------------------------------------------------
+# BlockSpecs over the views, grid (B, X // bx).
+
+
+def _specs(lay: Layout):
+    bx, y = lay.bx, lay.y
+    return dict(
+        full=pl.BlockSpec((None, bx, y), lambda b, i: (b, i, 0)),
+        dec=pl.BlockSpec((3, None, bx, y), lambda b, i: (0, b, i, 0)),
+        rms=pl.BlockSpec((None, bx, None, y), lambda b, i: (b, i, 0, 0)),
+        sums=lambda s: pl.BlockSpec((None, None, s, _LANES), lambda b, i: (b, i, 0, 0)),
+        xvec=lambda k: pl.BlockSpec((k, None, bx, 1), lambda b, i: (0, b, i, 0)),
+        yvec=lambda k: pl.BlockSpec((k, None, 1, y), lambda b, i: (0, b, 0, 0)),
+    )
+
+
+def _compiler_params(n_axes: int = 2):
+    from jax.experimental.pallas import tpu as pltpu
+
+    cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
+    return cls(
+        dimension_semantics=("parallel",) * n_axes, vmem_limit_bytes=_VMEM_LIMIT_BYTES
+    )
+
+
+class PhaseA(NamedTuple):
+    """Phase A of one tensor from the kernels."""
+
+    stats: jax.Array  # f32[7], `tensor_statistics`
+    mean_sq: jax.Array  # f32[30], `channel_mean_squares`
+    v_row: Any
+    v_col: Any
+    row_factor: Any  # f32[*s with d0 of size 1, 3] (factored)
+    col_factor: Any  # f32[*s with d1 of size 1, 3]
+    grad_nonfinite: jax.Array  # f32[], count of non-finite gradient elements
+
+
+def _identity_psum(x, _axes):
+    return x
+
+
+def phase_a(
+    p: jax.Array,
+    g: jax.Array,
+    acc: param_net.Accumulators,
+    *,
+    interpret: bool = False,
+    psum=None,
+    global_shape: tuple[int, ...] | None = None,
+) -> PhaseA:
+    """Statistics, channel mean squares and factored accumulators of a tensor.
+
+    Args:
+      p, g: the (lifted, rank >= 1) parameter and raw gradient, any float
+        dtype (g is clipped inside, as `velo_step` clips it).
+      acc: the previous accumulators (lifted).
+      interpret: run the kernels in Pallas' interpreter (any backend).
+      psum: `psum(x, tensor_axes)` sums over the mesh axes that shard the given
+        tensor axes (inside `shard_map`); None on one device.
+      global_shape: the unsharded shape (for the means); default `p.shape`.
+    """
+    psum = psum or _identity_psum
+    shape = tuple(p.shape)
+    global_shape = tuple(global_shape or shape)
+    lay = layout(shape, global_shape)
+    n_global = np.float32(math.prod(global_shape))
+    nb = lay.x // lay.bx
+    grid = (lay.b, nb)
+    sp = _specs(lay)
+    p_v, g_v = _to_view(p, lay), _to_view(g, lay)
+    m_v = _decayed_to_view(acc.m, lay)
+    v_v = _rms_to_view(acc.v, lay)
+    all_axes = tuple(range(len(shape)))
+    sums_shape = jax.ShapeDtypeStruct((lay.b, nb, _S1, _LANES), jnp.float32)
+    if lay.factored:
+        in_specs = [sp["full"], sp["full"], sp["dec"], sp["rms"]]
+        out_shape = (
+            sums_shape,
+            jax.ShapeDtypeStruct((lay.b, lay.x, 1), jnp.float32),
+            jax.ShapeDtypeStruct((lay.b, nb, 1, lay.y), jnp.float32),
+        )
+        out_specs = (
+            sp["sums"](_S1),
+            pl.BlockSpec((None, lay.bx, 1), lambda b, i: (b, i, 0)),
+            pl.BlockSpec((None, None, 1, lay.y), lambda b, i: (b, i, 0, 0)),
+        )
+        args = (p_v, g_v, m_v, v_v)
+    else:
+        in_specs = [sp["full"], sp["full"], sp["dec"], sp["rms"], sp["dec"]]
+        out_shape = (sums_shape,)
+        out_specs = (sp["sums"](_S1),)
+        args = (p_v, g_v, m_v, v_v, _decayed_to_view(acc.v_diag, lay))
+    outs = pl.pallas_call(
+        functools.partial(_reduce_kernel, factored=lay.factored),
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        interpret=interpret,
+        compiler_params=None if interpret else _compiler_params(),
+    )(*args)
+    blocks = outs[0][:, :, :, 0].reshape(lay.b * nb, _S1)
+
+    # Previous-state statistics: Chan's combination of equal-size blocks
+    # (then over devices: local sums of n_b * mean and of M2 + n_b * mean**2
+    # deviations need the global mean first, so combine in two psums).
+    n_b = np.float32(lay.bx * lay.y)
+    means = blocks[:, 0:8:2]  # [nblk, 4] m0, m1, m2, v
+    m2s = blocks[:, 1:8:2]
+    mean = psum(jnp.sum(means, axis=0) * n_b, all_axes) / n_global
+    m2 = psum(
+        jnp.sum(m2s, axis=0) + n_b * jnp.sum(jnp.square(means - mean), axis=0),
+        all_axes,
+    )
+    sums = psum(jnp.sum(blocks[:, 8:], axis=0), all_axes)
+    n_full = 12 if lay.factored else 30  # elementwise channels summed
+    chan_sums = sums[:n_full]
+    grad_bad = sums[n_full]
+    mean_p2 = chan_sums[2] / n_global
+    norm = jax.lax.rsqrt(jnp.maximum(1e-9, mean_p2))
+    mean_m = mean[:3] * norm
+    var_m = m2[:3] / n_global * (norm * norm)
+    mean_rms = mean[3:4] * norm
+    var_v = m2[3] / n_global * (norm * norm)
+    var_rms = var_v + jnp.square(mean_rms - mean_m)
+    stats = jnp.concatenate(
+        [_clip_log_abs(mean_rms), _clip_log_abs(var_m), _clip_log_abs(var_rms)]
+    )
+
+    mean_sq = [None] * 30
+    if not lay.factored:
+        for c in range(30):
+            mean_sq[c] = chan_sums[c] / n_global
+        return PhaseA(stats, jnp.stack(mean_sq), acc.v_row, acc.v_col, None, None,
+                      grad_bad)  # fmt: skip
+    full = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 14)
+    for i, c in enumerate(full):
+        mean_sq[c] = chan_sums[i] / n_global
+
+    # Factored accumulators, in the tensor's own axes (as update_factored).
+    d1, d0 = accumulators.factored_dims(global_shape)
+    rows = outs[1][:, :, 0]  # [B, X]: sums over Y
+    cols = jnp.sum(outs[2][:, :, 0, :], axis=1)  # [B, Y]: sums over X
+    y_axis, x_axis = lay.perm[-1], lay.perm[-2]
+    rows = psum(rows, (y_axis,))
+    cols = psum(cols, (x_axis,))
+    batch_shape = tuple(shape[a] for a in lay.perm[:-2])
+    # over d0 / over d1, as arrays of shape s without that axis (then [..., 3]).
+    sum_y = rows.reshape(batch_shape + (lay.x,))
+    sum_x = cols.reshape(batch_shape + (lay.y,))
+    over_d0, over_d1 = (sum_y, sum_x) if lay.d0_is_y else (sum_x, sum_y)
+    n_d0, n_d1 = np.float32(global_shape[d0]), np.float32(global_shape[d1])
+    batch_axes = list(lay.perm[:-2])
+
+    def to_tensor_order(a, kept_axis):
+        # a: [batch..., kept] -> the tensor's axes without the reduced one.
+        order = batch_axes + [kept_axis]
+        target = sorted(order)
+        return jnp.transpose(a, [order.index(t) for t in target])
+
+    mean_d0 = to_tensor_order(over_d0 / n_d0, d1)
+    mean_d1 = to_tensor_order(over_d1 / n_d1, d0)
+    ad = jnp.clip(jnp.asarray(accumulators.ADAFACTOR_DECAYS, jnp.float32), 0.0, 1.0)
+    v_row = ad * acc.v_row.astype(jnp.float32) + (1 - ad) * mean_d0[..., None]
+    v_col = ad * acc.v_col.astype(jnp.float32) + (1 - ad) * mean_d1[..., None]
+    reduced_d1 = d1 - 1 if d1 > d0 else d1
+    row_col_mean = psum(jnp.sum(v_row, axis=reduced_d1, keepdims=True), (d1,)) / n_d1
+    row_factor = accumulators.safe_rsqrt(v_row / (row_col_mean + 1e-9))
+    col_factor = accumulators.safe_rsqrt(v_col)
+    rf = jnp.expand_dims(row_factor, d0)  # broadcastable to s + (3,)
+    cf = jnp.expand_dims(col_factor, d1)
+    xfac, yfac = _factor_views(rf, cf, lay, d1)
+
+    s2 = pl.pallas_call(
+        _factored_kernel,
+        out_shape=jax.ShapeDtypeStruct((lay.b, nb, _S2, _LANES), jnp.float32),
+        grid=grid,
+        in_specs=[sp["full"], sp["dec"], sp["xvec"](3), sp["yvec"](3)],
+        out_specs=sp["sums"](_S2),
+        interpret=interpret,
+        compiler_params=None if interpret else _compiler_params(),
+    )(g_v, m_v, xfac, yfac)
+    s2 = psum(jnp.sum(s2[:, :, :6, 0].reshape(-1, 6), axis=0), all_axes)
+    for k in range(3):
+        mean_sq[11 + k] = s2[k] / n_global
+        mean_sq[27 + k] = s2[3 + k] / n_global
+    # The row/column channels: mean squares of the small vectors themselves
+    # (each shard holds its slice; psum over the axes that shard it).
+    for k in range(3):
+        r, c = v_row[..., k], v_col[..., k]
+        n_r = np.float32(math.prod(global_shape) / global_shape[d0])
+        n_c = np.float32(math.prod(global_shape) / global_shape[d1])
+        r_axes = tuple(a for a in all_axes if a != d0)
+        c_axes = tuple(a for a in all_axes if a != d1)
+        mean_sq[15 + k] = psum(jnp.sum(jnp.square(r)), r_axes) / n_r
+        mean_sq[18 + k] = psum(jnp.sum(jnp.square(c)), c_axes) / n_c
+        mean_sq[21 + k] = (
+            psum(jnp.sum(jnp.square(jax.lax.rsqrt(r + 1e-8))), r_axes) / n_r
+        )
+        mean_sq[24 + k] = (
+            psum(jnp.sum(jnp.square(jax.lax.rsqrt(c + 1e-8))), c_axes) / n_c
+        )
+    return PhaseA(stats, jnp.stack(mean_sq), v_row, v_col, rf, cf, grad_bad)
+
+
+def _factor_views(rf, cf, lay: Layout, d1: int):
+    """Row/column factors [*s with a size-1 axis, 3] -> the kernels' views
+    xfac [3, B, X, 1] and yfac [3, B, 1, Y]."""
+
+    def factor_view(f, axis):
+        f = jnp.moveaxis(f, -1, 0)
+        f = jnp.transpose(f, (0,) + tuple(a + 1 for a in lay.perm))
+        return f.reshape(3, lay.b, lay.x if axis == "x" else 1, 1 if axis == "x" else lay.y)
+
+    # The row factor varies along d1, the column factor along d0.
+    rf_on = "x" if d1 == lay.perm[-2] else "y"
+    rf_v, cf_v = factor_view(rf, rf_on), factor_view(cf, "y" if rf_on == "x" else "x")
+    return (rf_v, cf_v) if rf_on == "x" else (cf_v, rf_v)
+
+
+def _clip_log_abs(v):
+    return jnp.clip(jnp.log(1e-8 + jnp.abs(v * 10.0)), -5, 5) * 0.5
+
+
+# Channels whose first-layer terms are per-row / per-column vectors.
+_ROW_CHANNELS = (15, 16, 17, 21, 22, 23)
+_COL_CHANNELS = (18, 19, 20, 24, 25, 26)
+
+
+def phase_c(
+    mlp: Mapping[str, jax.Array],
+    w0: jax.Array,
+    scale: jax.Array,
+    p: jax.Array,
+    g: jax.Array,
+    acc: param_net.Accumulators,
+    a: PhaseA,
+    *,
+    interpret: bool = False,
+    update_dtype: Any = jnp.float32,
+    write_state: bool = True,
+    decoupled_weight_decay: float = 0.0,
+    global_shape: tuple[int, ...] | None = None,
+) -> tuple[jax.Array, param_net.Accumulators | None, jax.Array]:
+    """The update and the new accumulators of one tensor (phase C).
+
+    Args:
+      write_state: False: only the update and its non-finite count (the
+        accumulators are then written by `write_accumulators`, once the step
+        is known to be finite).
+      decoupled_weight_decay: `update -= decoupled_weight_decay * p` inside
+        the kernel, before the cast to `update_dtype` and the finite count.
+      global_shape: the unsharded shape (inside `shard_map`); default `p.shape`.
+
+    Returns:
+      (update [*s] in update_dtype, new accumulators in the old ones' dtypes
+      or None, f32[] count of non-finite update elements).
+    """
+    shape = tuple(p.shape)
+    global_shape = tuple(global_shape or shape)
+    lay = layout(shape, global_shape)
+    nb = lay.x // lay.bx
+    grid = (lay.b, nb)
+    sp = _specs(lay)
+    hidden = w0.shape[1]
+    layers = param_net.num_hidden_layers(mlp)
+    if lay.factored:
+        full = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 27, 28, 29]
+    else:
+        full = list(range(30))
+    weights = [w0[jnp.asarray(full)].reshape(-1), mlp["b0"].reshape(-1)]
+    for layer in range(1, layers + 1):
+        w, b = mlp[f"w{layer}"], mlp[f"b{layer}"]
+        if layer == layers:
+            w, b = w[:, :2], b[:2]
+        weights += [w.reshape(-1), b.reshape(-1)]
+    weights.append(jnp.reshape(scale, (1,)))
+    flat = jnp.concatenate([jnp.asarray(x, jnp.float32) for x in weights])
+
+    from jax.experimental.pallas import tpu as pltpu
+
+    smem = pl.BlockSpec(memory_space=pltpu.SMEM)
+    p_v, g_v = _to_view(p, lay), _to_view(g, lay)
+    m_v = _decayed_to_view(acc.m, lay)
+    v_v = _rms_to_view(acc.v, lay)
+    m_dt, v_dt = acc.m.dtype, acc.v.dtype
+    out_shape = [jax.ShapeDtypeStruct((lay.b, lay.x, lay.y), update_dtype)]
+    out_specs = [sp["full"]]
+    if write_state:
+        out_shape += [
+            jax.ShapeDtypeStruct(m_v.shape, m_dt),
+            jax.ShapeDtypeStruct(v_v.shape, v_dt),
+        ]
+        out_specs += [sp["dec"], sp["rms"]]
+    bad_shape = jax.ShapeDtypeStruct((lay.b, nb, 8, _LANES), jnp.float32)
+    if lay.factored:
+        # Row / column channels summed at their own size, per hidden unit.
+        d1, d0 = accumulators.factored_dims(global_shape)
+        xfac, yfac = _factor_views(a.row_factor, a.col_factor, lay, d1)
+        chans_r = [a.v_row[..., k] for k in range(3)]
+        chans_r += [jax.lax.rsqrt(r + 1e-8) for r in chans_r]
+        chans_c = [a.v_col[..., k] for k in range(3)]
+        chans_c += [jax.lax.rsqrt(c + 1e-8) for c in chans_c]
+
+        def terms(chans, idx, axis):
+            out = []
+            for j in range(hidden):
+                total = None
+                for c, x in zip(idx, chans):
+                    t = x * w0[c, j]
+                    total = t if total is None else total + t
+                out.append(total)
+            return jnp.stack(out, axis=-1)  # [*s without axis, F]
+
+        t_row = jnp.expand_dims(terms(chans_r, _ROW_CHANNELS, d0), d0)
+        t_col = jnp.expand_dims(terms(chans_c, _COL_CHANNELS, d1), d1)
+        x_axis = lay.perm[-2]
+
+        def term_view(t, on_x):
+            t = jnp.moveaxis(t, -1, 0)
+            t = jnp.transpose(t, (0,) + tuple(q + 1 for q in lay.perm))
+            return t.reshape(hidden, lay.b, lay.x if on_x else 1, 1 if on_x else lay.y)
+
+        row_on_x = d1 == x_axis
+        t_row_v, t_col_v = term_view(t_row, row_on_x), term_view(t_col, not row_on_x)
+        xt, yt = (t_row_v, t_col_v) if row_on_x else (t_col_v, t_row_v)
+        in_specs = [smem, sp["full"], sp["full"], sp["dec"], sp["rms"],
+                    sp["xvec"](3), sp["yvec"](3), sp["xvec"](hidden), sp["yvec"](hidden)]  # fmt: skip
+        args = (flat, p_v, g_v, m_v, v_v, xfac, yfac, xt, yt)
+        aliases = {3: 1, 4: 2}
+    else:
+        vd_v = _decayed_to_view(acc.v_diag, lay)
+        if write_state:
+            out_shape.append(jax.ShapeDtypeStruct(vd_v.shape, acc.v_diag.dtype))
+            out_specs.append(sp["dec"])
+        in_specs = [smem, sp["full"], sp["full"], sp["dec"], sp["rms"], sp["dec"]]
+        args = (flat, p_v, g_v, m_v, v_v, vd_v)
+        aliases = {3: 1, 4: 2, 5: 3}
+    if not write_state:
+        aliases = {}
+    out_shape.append(bad_shape)
+    out_specs.append(sp["sums"](8))
+    outs = pl.pallas_call(
+        functools.partial(
+            _apply_kernel,
+            factored=lay.factored,
+            n_full=len(full),
+            hidden=hidden,
+            layers=layers,
+            write_state=write_state,
+            decoupled_weight_decay=float(decoupled_weight_decay),
+        ),
+        out_shape=tuple(out_shape),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=tuple(out_specs),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=None if interpret else _compiler_params(),
+    )(*args)
+    update = _from_view(outs[0], lay)
+    bad = jnp.sum(outs[-1][:, :, 0, 0])
+    if not write_state:
+        return update, None, bad
+    m_new = _decayed_from_view(outs[1], lay)
+    v_new = _rms_from_view(outs[2], lay)
+    if lay.factored:
+        new = param_net.Accumulators(
+            m_new, v_new, a.v_row.astype(acc.v_row.dtype),
+            a.v_col.astype(acc.v_col.dtype), None,
+        )  # fmt: skip
+    else:
+        new = param_net.Accumulators(
+            m_new, v_new, None, None, _decayed_from_view(outs[3], lay)
+        )
+    return update, new, bad
+
+
+def write_accumulators(
+    ok: jax.Array,
+    g: jax.Array,
+    acc: param_net.Accumulators,
+    a: PhaseA,
+    *,
+    interpret: bool = False,
+    global_shape: tuple[int, ...] | None = None,
+) -> param_net.Accumulators:
+    """The new accumulators where `ok`, else the old ones: one pass that reads
+    g and the accumulators and writes them in place (aliased)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    lay = layout(tuple(g.shape), global_shape)
+    nb = lay.x // lay.bx
+    sp = _specs(lay)
+    g_v = _to_view(g, lay)
+    m_v = _decayed_to_view(acc.m, lay)
+    v_v = _rms_to_view(acc.v, lay)
+    args = [jnp.reshape(ok, (1,)).astype(jnp.int32), g_v, m_v, v_v]
+    in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM), sp["full"], sp["dec"], sp["rms"]]
+    out_shape = [jax.ShapeDtypeStruct(m_v.shape, m_v.dtype),
+                 jax.ShapeDtypeStruct(v_v.shape, v_v.dtype)]  # fmt: skip
+    out_specs = [sp["dec"], sp["rms"]]
+    aliases = {2: 0, 3: 1}
+    if not lay.factored:
+        vd_v = _decayed_to_view(acc.v_diag, lay)
+        args.append(vd_v)
+        in_specs.append(sp["dec"])
+        out_shape.append(jax.ShapeDtypeStruct(vd_v.shape, vd_v.dtype))
+        out_specs.append(sp["dec"])
+        aliases[4] = 2
+    outs = pl.pallas_call(
+        _state_kernel,
+        out_shape=tuple(out_shape),
+        grid=(lay.b, nb),
+        in_specs=in_specs,
+        out_specs=tuple(out_specs),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=None if interpret else _compiler_params(),
+    )(*args)
+    m_new = _decayed_from_view(outs[0], lay)
+    v_new = _rms_from_view(outs[1], lay)
+    if lay.factored:
+        keep = jnp.reshape(ok, ())
+        v_row = jnp.where(keep, a.v_row.astype(acc.v_row.dtype), acc.v_row)
+        v_col = jnp.where(keep, a.v_col.astype(acc.v_col.dtype), acc.v_col)
+        return param_net.Accumulators(m_new, v_new, v_row, v_col, None)
+    return param_net.Accumulators(
+        m_new, v_new, None, None, _decayed_from_view(outs[2], lay)
+    )
+
+
+# --------------------------------------------------------------------------
+# On a sharded mesh: the passes inside `jax.shard_map`, per tensor.
+
+
+class TensorSharding(NamedTuple):
+    """How one (lifted) tensor is sharded: per tensor axis, the mesh axes."""
+
+    mesh: Any
+    axes: tuple[tuple[str, ...], ...]
+
+    def names(self, tensor_axes) -> tuple[str, ...]:
+        return tuple(n for a in tensor_axes for n in self.axes[a])
+
+    def spec(self, drop: int | None = None, extra: int = 0):
+        """PartitionSpec of the tensor (axis `drop` replicated, e.g. a
+        size-1 or removed axis), plus `extra` replicated trailing axes."""
+        from jax.sharding import PartitionSpec as P
+
+        entries = [
+            None if (a == drop or not n) else (n[0] if len(n) == 1 else n)
+            for a, n in enumerate(self.axes)
+        ]
+        return P(*entries, *([None] * extra))
+
+    def spec_without(self, axis: int, extra: int = 1):
+        from jax.sharding import PartitionSpec as P
+
+        full = self.spec(extra=extra)
+        return P(*(e for a, e in enumerate(full) if a != axis))
+
+    def local_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(
+            s // math.prod(self.mesh.shape[n] for n in names)
+            for s, names in zip(shape, self.axes)
+        )
+
+    def psum(self, x, tensor_axes):
+        names = self.names(tensor_axes)
+        return jax.lax.psum(x, names) if names else x
+
+
+def tensor_sharding(mesh, spec, ndim: int) -> TensorSharding | None:
+    """None when `mesh` is None; `spec` a PartitionSpec of the tensor, or of
+    a scalar lifted to shape (1,) (then `P()`)."""
+    if mesh is None:
+        return None
+    entries = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+    axes = tuple(
+        () if e is None else (tuple(e) if isinstance(e, tuple) else (e,))
+        for e in entries
+    )
+    return TensorSharding(mesh, axes)
+
+
+def _acc_specs(sh: TensorSharding, shape, acc: param_net.Accumulators):
+    from jax.sharding import PartitionSpec as P
+
+    dims = accumulators.factored_dims(shape)
+    full = sh.spec(extra=1)
+    return param_net.Accumulators(
+        full,
+        full,
+        None if acc.v_row is None else sh.spec_without(dims[1]),
+        None if acc.v_col is None else sh.spec_without(dims[0]),
+        None if acc.v_diag is None else full,
+    ), P()
+
+
+def _phase_a_specs(sh: TensorSharding, shape, acc):
+    specs, rep = _acc_specs(sh, shape, acc)
+    dims = accumulators.factored_dims(shape)
+    if dims is None:
+        return PhaseA(rep, rep, None, None, None, None, rep)
+    d1, d0 = dims
+    return PhaseA(
+        rep, rep, specs.v_row, specs.v_col,
+        sh.spec(drop=d0, extra=1), sh.spec(drop=d1, extra=1), rep,
+    )  # fmt: skip
+
+
+def sharded_phase_a(p, g, acc, sh: TensorSharding | None, *, interpret=False) -> PhaseA:
+    """`phase_a`, inside `shard_map` over `sh.mesh` when `sh` is given (each
+    device on its block, the partial sums psum'd)."""
+    if sh is None:
+        return phase_a(p, g, acc, interpret=interpret)
+    shape = tuple(p.shape)
+
+    def fn(p, g, acc):
+        return phase_a(
+            p, g, acc, interpret=interpret, psum=sh.psum, global_shape=shape
+        )
+
+    acc_specs, _ = _acc_specs(sh, shape, acc)
+    return jax.shard_map(
+        fn,
+        mesh=sh.mesh,
+        in_specs=(sh.spec(), sh.spec(), acc_specs),
+        out_specs=_phase_a_specs(sh, shape, acc),
+        check_vma=False,
+    )(p, g, acc)
+
+
+def sharded_phase_c(
+    mlp, w0, scale, p, g, acc, a: PhaseA, sh: TensorSharding | None, **kw
+):
+    """`phase_c`, inside `shard_map` when `sh` is given; the non-finite
+    count is summed over the devices."""
+    if sh is None:
+        return phase_c(mlp, w0, scale, p, g, acc, a, **kw)
+    from jax.sharding import PartitionSpec as P
+
+    shape = tuple(p.shape)
+
+    def fn(mlp, w0, scale, p, g, acc, a):
+        update, new, bad = phase_c(mlp, w0, scale, p, g, acc, a, global_shape=shape, **kw)
+        return update, new, sh.psum(bad, tuple(range(len(shape))))
+
+    acc_specs, rep = _acc_specs(sh, shape, acc)
+    a_specs = _phase_a_specs(sh, shape, acc)
+    out_acc = acc_specs if kw.get("write_state", True) else None
+    return jax.shard_map(
+        fn,
+        mesh=sh.mesh,
+        in_specs=(P(), P(), P(), sh.spec(), sh.spec(), acc_specs, a_specs),
+        out_specs=(sh.spec(), out_acc, rep),
+        check_vma=False,
+    )(mlp, w0, scale, p, g, acc, a)
+
+
+def sharded_write_accumulators(ok, g, acc, a: PhaseA, sh: TensorSharding | None, **kw):
+    """`write_accumulators`, inside `shard_map` when `sh` is given."""
+    if sh is None:
+        return write_accumulators(ok, g, acc, a, **kw)
+    from jax.sharding import PartitionSpec as P
+
+    shape = tuple(g.shape)
+
+    def fn(ok, g, acc, a):
+        return write_accumulators(ok, g, acc, a, global_shape=shape, **kw)
+
+    acc_specs, _ = _acc_specs(sh, shape, acc)
+    return jax.shard_map(
+        fn,
+        mesh=sh.mesh,
+        in_specs=(P(), sh.spec(), acc_specs, _phase_a_specs(sh, shape, acc)),
+        out_specs=acc_specs,
+        check_vma=False,
+    )(ok, g, acc, a)
