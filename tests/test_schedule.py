@@ -228,7 +228,9 @@ def test_cli_plot_schedule(tmp_path, theta, capsys):
     from velo_scale import cli
     from velo_scale.train import optimizers
 
-    _train_digits(tmp_path / "velo", lambda n: optimizers.velo(n, weights=theta))
+    _train_digits(
+        tmp_path / "velo", lambda num_steps: optimizers.velo(num_steps, weights=theta)
+    )
     _train_digits(tmp_path / "adamw", optimizers.adamw)
     out = tmp_path / "s.png"
     assert (
