@@ -518,8 +518,10 @@ def velo(
         as the run without step k. False gives the reference's behaviour (one
         NaN element then spreads into every tensor's state for ever).
       implementation: "xla" (default): the per-parameter passes as XLA
-        fusions; "pallas": as Pallas TPU (Mosaic) kernels, three passes per
-        tensor (`velo_scale._src.kernels.velo_pallas`), tensors the kernels
+        fusions; "pallas" (experimental): as Pallas TPU (Mosaic) kernels, three
+        passes per tensor plus, with `skip_nonfinite`, a fourth that writes
+        the accumulators once the step is known finite
+        (`velo_scale._src.kernels.velo_pallas`), tensors the kernels
         do not take on the XLA path. On a sharded mesh the kernels run inside
         `jax.shard_map`. Same numbers within float32 reassociation.
       pallas_interpret: "pallas" only: run the kernels in Pallas' interpreter

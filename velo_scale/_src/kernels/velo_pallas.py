@@ -17,6 +17,10 @@ the XLA path, between the 2nd and the 3rd):
 3. `_apply_kernel` recomputes the channels, runs the per-parameter MLP and
    writes the new momenta, rms (and diagonal accumulators) and the update,
    and counts non-finite update elements.
+4. With the non-finite skip (`velo`'s default), `_apply_kernel` writes only
+   the update, and `_state_kernel` (`write_accumulators`) writes the new
+   accumulators in place once the step is known finite, or keeps the old
+   ones: the exact skip without a select pass over the state.
 
 Every tensor is seen as `[B, X, Y]` (batch axes first, then the two factored
 axes in their order; vectors and scalars as `[1, 1, n]`), the momentum
