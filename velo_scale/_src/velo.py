@@ -348,17 +348,8 @@ def velo_step(
 
     # Phase B, batched over tensors: the per-tensor LSTM, the MLP bank mix and
     # every per-tensor scalar of the per-parameter MLP.
-    ranks = np.stack([tensor_net.rank_one_hot(s) for s in shapes])
-    features = tensor_net.assemble_features(
-        jnp.stack(stats), ranks, fraction, loss_feats
-    )
-    controls, lr_mult, hidden, cell = tensor_net.apply(
-        theta["rnn_params"], features, state.lstm_hidden, state.lstm_cell
-    )
-    mlps = param_net.mix_bank(theta["ff_mod_stack"]["~"], controls)
-    mean_sq = jnp.stack(mean_sq)
-    w0 = param_net.first_layer(mlps, mean_sq)
-    scale = param_net.step_scale(lr_mult, mean_sq)
+    b = _phase_b(theta, state, stats, mean_sq, shapes, fraction, loss_feats)
+    mlps, w0, scale = b.mlps, b.w0, b.scale
 
     # Phase C, per group (vmapped): one elementwise pass of the MLP.
     updates = [None] * n
@@ -380,31 +371,80 @@ def velo_step(
             updates[i] = out[k].reshape(shapes[i])
 
     new = [_lower_accumulators(a, s == (), o) for a, s, o in zip(new, shapes, old)]
-    full_updates = [jnp.zeros_like(p) for p in all_p]
-    fields = [list(f) for f in state_leaves]
-    for k, i in enumerate(active):
-        full_updates[i] = updates[k]
-        for f, value in zip(fields, new[k]):
-            f[i] = value
-    new_m, new_v, new_row, new_col, new_diag = (treedef.unflatten(f) for f in fields)
+    full_updates, (new_m, new_v, new_row, new_col, new_diag) = _scatter(
+        treedef, all_p, active, state_leaves, updates, new
+    )
 
     new_state = state._replace(
         iteration=state.iteration + 1,
         momentum=new_m,
         rms=new_v,
         factored=FactoredState(v_row=new_row, v_col=new_col, v_diag=new_diag),
-        lstm_hidden=hidden,
-        lstm_cell=cell,
+        lstm_hidden=b.hidden,
+        lstm_cell=b.cell,
         loss_buffer=loss_buffer,
     )
     intermediates = VeLOIntermediates(
         fraction_trained=fraction,
         loss_features=loss_feats,
-        rnn_inputs=features,
-        control_params=controls,
-        lr_mult=lr_mult,
+        rnn_inputs=b.features,
+        control_params=b.controls,
+        lr_mult=b.lr_mult,
     )
-    return treedef.unflatten(full_updates), new_state, intermediates
+    return full_updates, new_state, intermediates
+
+
+class _PhaseB(NamedTuple):
+    """Phase B's per-tensor outputs (rows in the order of the trained tensors)."""
+
+    features: jax.Array  # f32[n, 30] LSTM inputs
+    controls: jax.Array  # f32[n, K]
+    lr_mult: jax.Array  # f32[n]
+    hidden: jax.Array  # f32[n, H] new LSTM state
+    cell: jax.Array
+    mlps: dict[str, jax.Array]  # per-tensor MLP weights (`mix_bank`)
+    w0: jax.Array  # f32[n, 30, F] first layer with the normalisers folded in
+    scale: jax.Array  # f32[n] `step_scale`
+
+
+def _phase_b(
+    theta: Mapping[str, Any],
+    state: VeLOState,
+    stats: list[jax.Array],
+    mean_sq: list[jax.Array],
+    shapes: list[tuple[int, ...]],
+    fraction: jax.Array,
+    loss_feats: jax.Array,
+) -> _PhaseB:
+    """Phase B, batched over tensors: the per-tensor LSTM, the MLP bank mix and
+    every per-tensor scalar of the per-parameter MLP."""
+    ranks = np.stack([tensor_net.rank_one_hot(s) for s in shapes])
+    features = tensor_net.assemble_features(
+        jnp.stack(stats), ranks, fraction, loss_feats
+    )
+    controls, lr_mult, hidden, cell = tensor_net.apply(
+        theta["rnn_params"], features, state.lstm_hidden, state.lstm_cell
+    )
+    mlps = param_net.mix_bank(theta["ff_mod_stack"]["~"], controls)
+    mean_sq = jnp.stack(mean_sq)
+    w0 = param_net.first_layer(mlps, mean_sq)
+    scale = param_net.step_scale(lr_mult, mean_sq)
+    return _PhaseB(features, controls, lr_mult, hidden, cell, mlps, w0, scale)
+
+
+def _scatter(treedef, all_p, active, state_leaves, updates, new):
+    """The trained tensors' updates and accumulators put back among all leaves.
+
+    Returns (updates pytree like params with zeros for untrained leaves,
+    the 5 per-parameter state fields as pytrees).
+    """
+    full_updates = [jnp.zeros_like(p) for p in all_p]
+    fields = [list(f) for f in state_leaves]
+    for k, i in enumerate(active):
+        full_updates[i] = updates[k]
+        for f, value in zip(fields, new[k]):
+            f[i] = value
+    return treedef.unflatten(full_updates), tuple(treedef.unflatten(f) for f in fields)
 
 
 def _lift_accumulators(
@@ -820,17 +860,8 @@ def _velo_step_pallas(
         new[i] = param_net.update_accumulators(g, acc)
         mean_sq[i] = param_net.channel_mean_squares(p, g, new[i])
 
-    ranks = np.stack([tensor_net.rank_one_hot(s) for s in shapes])
-    features = tensor_net.assemble_features(
-        jnp.stack(stats), ranks, fraction, loss_feats
-    )
-    controls, lr_mult, hidden, cell = tensor_net.apply(
-        theta["rnn_params"], features, state.lstm_hidden, state.lstm_cell
-    )
-    mlps = param_net.mix_bank(theta["ff_mod_stack"]["~"], controls)
-    mean_sq = jnp.stack(mean_sq)
-    w0 = param_net.first_layer(mlps, mean_sq)
-    scale = param_net.step_scale(lr_mult, mean_sq)
+    b = _phase_b(theta, state, stats, mean_sq, shapes, fraction, loss_feats)
+    mlps, w0, scale = b.mlps, b.w0, b.scale
 
     updates = [None] * n
     bad = []  # non-finite element counts (f32[]) and flags (bool[])
@@ -877,17 +908,13 @@ def _velo_step_pallas(
                 )
             updates[i] = jnp.where(finite, updates[i], jnp.zeros_like(updates[i]))
 
-    full_updates = [jnp.zeros_like(p) for p in all_p]
-    fields = [list(f) for f in state_leaves]
-    for k, i in enumerate(active):
-        full_updates[i] = updates[k]
-        for f, value in zip(fields, new[k]):
-            f[i] = value
-    new_m, new_v, new_row, new_col, new_diag = (treedef.unflatten(f) for f in fields)
+    full_updates, (new_m, new_v, new_row, new_col, new_diag) = _scatter(
+        treedef, all_p, active, state_leaves, updates, new
+    )
     small = dict(
         iteration=state.iteration + 1,
-        lstm_hidden=hidden,
-        lstm_cell=cell,
+        lstm_hidden=b.hidden,
+        lstm_cell=b.cell,
         loss_buffer=loss_buffer,
     )
     if finite is not None:
@@ -907,11 +934,11 @@ def _velo_step_pallas(
     intermediates = VeLOIntermediates(
         fraction_trained=fraction,
         loss_features=loss_feats,
-        rnn_inputs=features,
-        control_params=controls,
-        lr_mult=lr_mult,
+        rnn_inputs=b.features,
+        control_params=b.controls,
+        lr_mult=b.lr_mult,
     )
-    return treedef.unflatten(full_updates), new_state, intermediates
+    return full_updates, new_state, intermediates
 
 
 def _lift_accumulators_keep_dtype(
