@@ -305,17 +305,7 @@ def velo_step(
         .reshape(s)
         for i, s in zip(active, lift)
     ]
-    state_leaves = [
-        treedef.flatten_up_to(x)
-        for x in (
-            state.momentum,
-            state.rms,
-            state.factored.v_row,
-            state.factored.v_col,
-            state.factored.v_diag,
-        )
-    ]
-    old = [param_net.Accumulators(*(f[i] for f in state_leaves)) for i in active]
+    state_leaves, old = _state_fields(treedef, state, active)
     acc_leaves = [_lift_accumulators(a, s == ()) for a, s in zip(old, shapes)]
 
     loss_buffer = loss_features.update(state.loss_buffer, loss)
@@ -431,6 +421,21 @@ def _phase_b(
     scale = param_net.step_scale(lr_mult, mean_sq)
     return _PhaseB(features, controls, lr_mult, hidden, cell, mlps, w0, scale)
 
+
+def _state_fields(treedef, state: VeLOState, active: list[int]):
+    """The 5 per-parameter state fields flattened like the params, and the
+    trained tensors' `Accumulators` (in `active` order)."""
+    fields = [
+        treedef.flatten_up_to(x)
+        for x in (
+            state.momentum,
+            state.rms,
+            state.factored.v_row,
+            state.factored.v_col,
+            state.factored.v_diag,
+        )
+    ]
+    return fields, [param_net.Accumulators(*(f[i] for f in fields)) for i in active]
 
 def _scatter(treedef, all_p, active, state_leaves, updates, new):
     """The trained tensors' updates and accumulators put back among all leaves.
@@ -825,17 +830,7 @@ def _velo_step_pallas(
     ]
     raw_p = [jnp.asarray(all_p[i]).reshape(s) for i, s in zip(active, lift)]
     raw_g = [jnp.asarray(all_g[i]).reshape(s) for i, s in zip(active, lift)]
-    state_leaves = [
-        treedef.flatten_up_to(x)
-        for x in (
-            state.momentum,
-            state.rms,
-            state.factored.v_row,
-            state.factored.v_col,
-            state.factored.v_diag,
-        )
-    ]
-    old = [param_net.Accumulators(*(f[i] for f in state_leaves)) for i in active]
+    state_leaves, old = _state_fields(treedef, state, active)
     lifted = [
         _lift_accumulators_keep_dtype(a, s == ()) for a, s in zip(old, shapes)
     ]
