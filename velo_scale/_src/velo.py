@@ -374,14 +374,7 @@ def velo_step(
         lstm_cell=b.cell,
         loss_buffer=loss_buffer,
     )
-    intermediates = VeLOIntermediates(
-        fraction_trained=fraction,
-        loss_features=loss_feats,
-        rnn_inputs=b.features,
-        control_params=b.controls,
-        lr_mult=b.lr_mult,
-    )
-    return full_updates, new_state, intermediates
+    return full_updates, new_state, b.intermediates(fraction, loss_feats)
 
 
 class _PhaseB(NamedTuple):
@@ -395,6 +388,17 @@ class _PhaseB(NamedTuple):
     mlps: dict[str, jax.Array]  # per-tensor MLP weights (`mix_bank`)
     w0: jax.Array  # f32[n, 30, F] first layer with the normalisers folded in
     scale: jax.Array  # f32[n] `step_scale`
+
+    def intermediates(
+        self, fraction: jax.Array, loss_feats: jax.Array
+    ) -> VeLOIntermediates:
+        return VeLOIntermediates(
+            fraction_trained=fraction,
+            loss_features=loss_feats,
+            rnn_inputs=self.features,
+            control_params=self.controls,
+            lr_mult=self.lr_mult,
+        )
 
 
 def _phase_b(
@@ -926,14 +930,7 @@ def _velo_step_pallas(
         factored=FactoredState(v_row=new_row, v_col=new_col, v_diag=new_diag),
         **small,
     )
-    intermediates = VeLOIntermediates(
-        fraction_trained=fraction,
-        loss_features=loss_feats,
-        rnn_inputs=b.features,
-        control_params=b.controls,
-        lr_mult=b.lr_mult,
-    )
-    return full_updates, new_state, intermediates
+    return full_updates, new_state, b.intermediates(fraction, loss_feats)
 
 
 def _lift_accumulators_keep_dtype(
