@@ -287,16 +287,9 @@ def velo_step(
             theta, state, grads, params, loss, interpret,
             mesh=mesh, param_specs=param_specs,
         )  # fmt: skip
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    all_p = treedef.flatten_up_to(params)
-    # Only trained leaves (float, non-empty) take part; the others keep zero
-    # updates and never touch the per-tensor statistics of the rest.
-    active = [i for i, p in enumerate(all_p) if is_trained(p)]
-    all_g = treedef.flatten_up_to(grads)
-    shapes = [_shape(all_p[i]) for i in active]
-    # Quirk kept for the pretrained weights: scalars act as shape (1,) (their
-    # per-tensor statistics are the same either way).
-    lift = [(1,) if s == () else s for s in shapes]
+    path_leaves, treedef, all_p, all_g, active, shapes, lift = _trained_leaves(
+        params, grads
+    )
     p_leaves = [
         jnp.asarray(all_p[i], jnp.float32).reshape(s) for i, s in zip(active, lift)
     ]
@@ -425,6 +418,25 @@ def _phase_b(
     scale = param_net.step_scale(lr_mult, mean_sq)
     return _PhaseB(features, controls, lr_mult, hidden, cell, mlps, w0, scale)
 
+
+def _trained_leaves(params: Any, grads: Any):
+    """The leaves of params and grads, and which of them VeLO trains.
+
+    Returns (path_leaves, treedef, all params leaves, all grads leaves, the
+    indices of trained leaves, their shapes, those shapes with a scalar as
+    (1,)).
+    """
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    all_p = treedef.flatten_up_to(params)
+    # Only trained leaves (float, non-empty) take part; the others keep zero
+    # updates and never touch the per-tensor statistics of the rest.
+    active = [i for i, p in enumerate(all_p) if is_trained(p)]
+    all_g = treedef.flatten_up_to(grads)
+    shapes = [_shape(all_p[i]) for i in active]
+    # Quirk kept for the pretrained weights: scalars act as shape (1,) (their
+    # per-tensor statistics are the same either way).
+    lift = [(1,) if s == () else s for s in shapes]
+    return path_leaves, treedef, all_p, all_g, active, shapes, lift
 
 def _state_fields(treedef, state: VeLOState, active: list[int]):
     """The 5 per-parameter state fields flattened like the params, and the
@@ -809,12 +821,9 @@ def _velo_step_pallas(
 
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    all_p = treedef.flatten_up_to(params)
-    active = [i for i, p in enumerate(all_p) if is_trained(p)]
-    all_g = treedef.flatten_up_to(grads)
-    shapes = [_shape(all_p[i]) for i in active]
-    lift = [(1,) if s == () else s for s in shapes]
+    path_leaves, treedef, all_p, all_g, active, shapes, lift = _trained_leaves(
+        params, grads
+    )
     if mesh is not None:
         if param_specs is None:
             raise ValueError("implementation='pallas' with a mesh needs param_specs.")
