@@ -726,15 +726,36 @@ def velo(
                 )
                 if is_trained(p)
             ]
-            finite = (
-                jnp.isfinite(loss)
-                & _all_finite(trained_grads)
-                & _all_finite(new_updates)
+            inputs_finite = jnp.isfinite(loss) & _all_finite(trained_grads)
+            new_updates, state = _skip_unless_finite(
+                inputs_finite, new_updates, state, old_state
             )
-            new_updates, state = _skip_unless(finite, new_updates, state, old_state)
         return new_updates, state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _skip_unless_finite(
+    inputs_finite: jax.Array, updates: Any, state: VeLOState, old: VeLOState
+) -> tuple[Any, VeLOState]:
+    """`updates, state` if `inputs_finite` and every update is finite, else
+    zero updates and the old state with one more `nonfinite_steps`.
+
+    The check of the updates and the selects run inside a `lax.cond` on
+    `inputs_finite`, whose operands XLA materialises: written as plain
+    `jnp.where`s, XLA:CPU fuses the per-parameter MLP into each consumer (the
+    finite check and every select) and computes it three times per step.
+    """
+
+    def check(args):
+        updates, state, old = args
+        return _skip_unless(_all_finite(updates), updates, state, old)
+
+    def skip(args):
+        updates, _, old = args
+        return _skip_unless(jnp.zeros((), bool), updates, old, old)
+
+    return jax.lax.cond(inputs_finite, check, skip, (updates, state, old))
 
 
 def _skip_unless(
