@@ -16,8 +16,9 @@ from velo_scale._src.kernels import velo_pallas
 
 # 2-D both ways round (d0 the column / the row axis; the tall one in two row
 # blocks), a vector, a scalar, a 3-D tensor (factored axes 1, 2; axis 0
-# batch), a 3-D tensor whose factored axes are not the last two; no size is a
-# multiple of the (8, 128) tile.
+# batch), 3-D tensors with the batch axis between and after the factored
+# axes, a 4-D one with batch axes before and between; no size is a multiple
+# of the (8, 128) tile, so the views transpose (as XLA:TPU's layouts do).
 SHAPES = {
     "wide": (12, 40),
     "tall": (1024, 40),
@@ -25,6 +26,8 @@ SHAPES = {
     "scalar": (),
     "cube": (3, 5, 7),
     "mixed": (6, 2, 9),
+    "trailing": (9, 6, 2),
+    "four": (2, 7, 3, 5),
 }
 
 
@@ -91,8 +94,42 @@ def test_every_shape_takes_the_kernels():
     for shape in SHAPES.values():
         assert velo_pallas.supported((1,) if shape == () else shape), shape
     # Several row blocks for the large one.
-    lay = velo_pallas.layout((1024, 40))
-    assert lay.x // lay.bx == 2
+    lay = velo_pallas.layout((1024, 40))  # viewed as [40, 1024]: 5 blocks
+    assert (lay.x, lay.y, lay.x // lay.bx) == (40, 1024, 5)
+
+
+@pytest.mark.parametrize(
+    "shape, minor",
+    [
+        ((512, 512), (0, 1)),
+        ((2048, 768), (0, 1)),  # no padding either way: the default
+        ((640, 160), (1, 0)),  # f32[640,160]{0,1}
+        ((160, 5, 64), (2, 0)),  # {0,2,1}
+        ((5, 64, 160), (1, 2)),  # {2,1,0}
+        ((160, 5, 64, 3), (2, 0)),  # the momentum: {0,2,3,1}
+    ],
+)
+def test_views_follow_the_tpu_layout(shape, minor):
+    """The kernels' views are the physical orders XLA:TPU gives these arrays
+    (read from compiled v5e HLO), so passing them to Mosaic is a bitcast."""
+    assert velo_pallas.tpu_minor_axes(shape) == minor
+    if len(shape) == 4:
+        return
+    lay = velo_pallas.layout(shape)
+    assert lay.perm[-2:] == minor
+    x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+    m = jnp.stack([x, -x, 2 * x], axis=-1)
+    v = x[..., None]
+    np.testing.assert_array_equal(velo_pallas._from_view(velo_pallas._to_view(x, lay), lay), x)
+    np.testing.assert_array_equal(
+        velo_pallas._decayed_from_view(velo_pallas._decayed_to_view(m, lay), lay), m
+    )
+    np.testing.assert_array_equal(
+        velo_pallas._rms_from_view(velo_pallas._rms_to_view(v, lay), lay), v
+    )
+    # [B, 3, X, Y]: batch axes first, then the decays, then X, Y.
+    mv = velo_pallas._decayed_to_view(m, lay)
+    np.testing.assert_array_equal(mv[:, 1], -velo_pallas._to_view(x, lay))
 
 
 def test_pallas_matches_xla_and_skips_a_nonfinite_step(theta):

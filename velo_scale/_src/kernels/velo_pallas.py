@@ -22,11 +22,16 @@ the XLA path, between the 2nd and the 3rd):
    accumulators in place once the step is known finite, or keeps the old
    ones: the exact skip without a select pass over the state.
 
-Every tensor is seen as `[B, X, Y]` (batch axes first, then the two factored
-axes in their order; vectors and scalars as `[1, 1, n]`), the momentum
-`[*s, 3]` as `[3, B, X, Y]` and rms `[*s, 1]` as `[B, X, 1, Y]`: for a 2-D
-tensor these are bitcasts of the layouts XLA:TPU gives the state
-(`{1,0,2:T(8,128)}` and `{1,2,0:T(1,128)}`), so no copy is made. The kernels
+Every tensor is seen as `[B, X, Y]`: Y the axis XLA:TPU lays out minor-most
+(lanes), X the second-minor one (sublanes), both of them the factored axes,
+and the batch axes first, in their order (vectors and scalars as `[1, 1,
+n]`); the momentum `[*s, 3]` as `[B, 3, X, Y]` and rms `[*s, 1]` as `[B, X,
+1, Y]`. These are the physical orders of the layouts XLA:TPU gives such
+arrays (it puts the pair of axes that pads least in the (8, 128) tiles
+minor, e.g. `f32[640,160]{0,1}`, `f32[160,5,64]{0,2,1}`, the momentum
+`f32[160,5,64,3]{0,2,3,1}`, rms `{0,3,2,1:T(1,128)}`), so the views are
+bitcasts and no copy is made; `layout` predicts that choice
+(`tpu_minor_axes`). The kernels
 run on the TPU; `interpret=True` runs them on any backend (tests on CPU).
 Mosaic custom calls are not auto-partitioned: on a sharded mesh
 `velo_step` runs them inside `jax.shard_map`, with the partial sums
@@ -77,7 +82,7 @@ class Layout(NamedTuple):
 
     shape: tuple[int, ...]  # the tensor's (lifted) shape, rank >= 1
     factored: bool
-    perm: tuple[int, ...]  # tensor axes -> [batch..., X axis, Y axis]
+    perm: tuple[int, ...]  # tensor axes in view order: batch..., X, Y
     b: int
     x: int
     y: int
@@ -92,27 +97,47 @@ def supported(shape: tuple[int, ...], global_shape: tuple[int, ...] | None = Non
     return lay.bx * lay.y <= _BLOCK_ELEMENTS
 
 
+def tpu_minor_axes(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(second-minor, minor) axes of the layout XLA:TPU gives a 32-bit array
+    of this shape (rank >= 2): the pair whose (8, 128) tiles pad least, the
+    default (last two axes) on ties; the other axes major, in their order."""
+    n = len(shape)
+    total = math.prod(shape)
+
+    def padded(a, b):
+        rest = total // max(shape[a] * shape[b], 1) if shape[a] * shape[b] else 0
+        return rest * (-(-shape[a] // 8) * 8) * (-(-shape[b] // _LANES) * _LANES)
+
+    pairs = [(n - 2, n - 1)] + [
+        (a, b) for a in range(n) for b in range(n) if a != b and (a, b) != (n - 2, n - 1)
+    ]
+    return min(pairs, key=lambda ab: padded(*ab))
+
+
 def layout(shape: tuple[int, ...], global_shape: tuple[int, ...] | None = None) -> Layout:
     """The view of a (local) block `shape` of a tensor of `global_shape`: the
     factored axes are the global tensor's (a shard's largest axis may be
-    another one)."""
+    another one); X and Y are ordered as XLA:TPU lays out the block, else
+    (minor axes that are not the factored ones) as (d1, d0), with a copy."""
     dims = accumulators.factored_dims(global_shape or shape)
     if dims is None:
         n = int(np.prod(shape))
         return Layout(tuple(shape), False, tuple(range(len(shape))), 1, 1, n, 1, True)
     d1, d0 = dims
-    lo, hi = min(d0, d1), max(d0, d1)
+    x_axis, y_axis = tpu_minor_axes(tuple(shape))
+    if {x_axis, y_axis} != {d0, d1}:
+        x_axis, y_axis = d1, d0
     batch = [a for a in range(len(shape)) if a not in (d0, d1)]
-    perm = tuple(batch + [lo, hi])
+    perm = tuple(batch + [x_axis, y_axis])
     b = int(np.prod([shape[a] for a in batch])) if batch else 1
-    x, y = shape[lo], shape[hi]
+    x, y = shape[x_axis], shape[y_axis]
     bx = x
     if x * y > _BLOCK_ELEMENTS:
         for cand in range(min(x, max(8, _BLOCK_ELEMENTS // max(y, 1))), 7, -1):
             if x % cand == 0 and cand % 8 == 0:
                 bx = cand
                 break
-    return Layout(tuple(shape), True, perm, b, x, y, bx, d0 == hi)
+    return Layout(tuple(shape), True, perm, b, x, y, bx, d0 == y_axis)
 
 
 def _to_view(a: jax.Array, lay: Layout) -> jax.Array:
@@ -132,35 +157,50 @@ def _from_view(a: jax.Array, lay: Layout) -> jax.Array:
 
 
 def _decayed_to_view(a: jax.Array, lay: Layout) -> jax.Array:
-    """[*s, k] -> [k, B, X, Y]."""
-    k = a.shape[-1]
-    a = jnp.moveaxis(a, -1, 0)
-    if lay.perm != tuple(range(len(lay.shape))):
-        a = jnp.transpose(a, (0,) + tuple(p + 1 for p in lay.perm))
-    return a.reshape(k, lay.b, lay.x, lay.y)
+    """[*s, k] -> [B, k, X, Y]."""
+    k, n = a.shape[-1], len(lay.shape)
+    if not lay.factored:
+        return jnp.moveaxis(a, -1, 0).reshape(1, k, 1, lay.y)
+    order = lay.perm[:-2] + (n,) + lay.perm[-2:]
+    if order != tuple(range(n + 1)):
+        a = jnp.transpose(a, order)
+    return a.reshape(lay.b, k, lay.x, lay.y)
 
 
 def _decayed_from_view(a: jax.Array, lay: Layout) -> jax.Array:
-    k = a.shape[0]
-    permuted = tuple(lay.shape[i] for i in lay.perm)
-    a = a.reshape((k,) + permuted)
-    if lay.perm != tuple(range(len(lay.shape))):
-        a = jnp.transpose(a, (0,) + tuple(int(i) + 1 for i in np.argsort(lay.perm)))
-    return jnp.moveaxis(a, 0, -1)
+    k, n = a.shape[1], len(lay.shape)
+    if not lay.factored:
+        return jnp.moveaxis(a.reshape(k, lay.y), 0, -1).reshape(lay.shape + (k,))
+    order = lay.perm[:-2] + (n,) + lay.perm[-2:]
+    a = a.reshape(tuple(lay.shape[i] for i in lay.perm[:-2]) + (k, lay.x, lay.y))
+    if order != tuple(range(n + 1)):
+        a = jnp.transpose(a, np.argsort(order))
+    return a
+
+
+def _rms_order(lay: Layout) -> tuple[int, ...]:
+    n = len(lay.shape)
+    return lay.perm[:-1] + (n,) + lay.perm[-1:]
 
 
 def _rms_to_view(v: jax.Array, lay: Layout) -> jax.Array:
-    """[*s, 1] -> [B, X, 1, Y] (a bitcast of XLA:TPU's layout for 2-D)."""
-    v = jnp.moveaxis(v, -1, -2) if len(lay.shape) >= 1 else v
-    if lay.perm != tuple(range(len(lay.shape))) or len(lay.shape) != 2:
-        return _to_view(v.reshape(lay.shape), lay)[:, :, None, :]
+    """[*s, 1] -> [B, X, 1, Y]."""
+    if not lay.factored:
+        return v.reshape(1, 1, 1, lay.y)
+    order = _rms_order(lay)
+    if order != tuple(range(len(order))):
+        v = jnp.transpose(v, order)
     return v.reshape(lay.b, lay.x, 1, lay.y)
 
 
 def _rms_from_view(v: jax.Array, lay: Layout) -> jax.Array:
-    if lay.perm != tuple(range(len(lay.shape))) or len(lay.shape) != 2:
-        return _from_view(v[:, :, 0, :], lay)[..., None]
-    return jnp.moveaxis(v.reshape(lay.x, 1, lay.y), -2, -1)
+    if not lay.factored:
+        return v.reshape(lay.shape + (1,))
+    order = _rms_order(lay)
+    v = v.reshape(tuple(lay.shape[i] for i in lay.perm[:-1]) + (1, lay.y))
+    if order != tuple(range(len(order))):
+        v = jnp.transpose(v, np.argsort(order))
+    return v
 
 
 # --------------------------------------------------------------------------
@@ -375,7 +415,7 @@ def _specs(lay: Layout):
     bx, y = lay.bx, lay.y
     return dict(
         full=pl.BlockSpec((None, bx, y), lambda b, i: (b, i, 0)),
-        dec=pl.BlockSpec((3, None, bx, y), lambda b, i: (0, b, i, 0)),
+        dec=pl.BlockSpec((None, 3, bx, y), lambda b, i: (b, 0, i, 0)),
         rms=pl.BlockSpec((None, bx, None, y), lambda b, i: (b, i, 0, 0)),
         sums=lambda s: pl.BlockSpec((None, None, s, _LANES), lambda b, i: (b, i, 0, 0)),
         xvec=lambda k: pl.BlockSpec((k, None, bx, 1), lambda b, i: (0, b, i, 0)),
