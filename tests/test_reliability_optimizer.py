@@ -121,6 +121,36 @@ def test_nonfinite_update_is_a_noop(tx, theta):
             assert np.all(np.asarray(u) == 0)
 
 
+@pytest.mark.parametrize("case", ["finite", "bad_input", "bad_update"])
+def test_skip_variants_agree(tx, case):
+    """The skip is written per backend (plain selects on TPU/GPU, a cond on
+    CPU, `velo._skip_unless_finite`); tests run on CPU, so the TPU variant is
+    checked here against the CPU one, on a finite and two skipped steps."""
+    from velo_scale._src import velo as velo_lib
+
+    params = _params()
+    old = tx.init(params)
+    _, new = tx.update(_grads(params, 0), old, params, loss=1.0)
+    updates = _grads(params, 1)
+    if case == "bad_update":
+        updates = _poison(updates, jnp.inf)
+    inputs_finite = jnp.asarray(case != "bad_input")
+    got = [
+        jax.jit(f)(inputs_finite, updates, new, old)
+        for f in (velo_lib.skip_fused, velo_lib.skip_materialised)
+    ]
+    _assert_trees_equal(got[0], got[1])
+    u, state = got[0]
+    if case == "finite":
+        _assert_trees_equal(u, updates)
+        _assert_trees_equal(state, new)
+    else:
+        for x in jax.tree_util.tree_leaves(u):
+            assert np.all(np.asarray(x) == 0)
+        _assert_trees_equal(state._replace(nonfinite_steps=old.nonfinite_steps), old)
+        assert int(state.nonfinite_steps) == int(old.nonfinite_steps) + 1
+
+
 def test_opt_out_keeps_the_reference_behaviour(theta):
     # Documented reason for the default: one NaN element poisons every tensor.
     raw = velo_scale.velo(20, weights=theta, skip_nonfinite=False)

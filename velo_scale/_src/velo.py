@@ -741,37 +741,48 @@ def _skip_unless_finite(
     """`updates, state` if `inputs_finite` and every update is finite, else
     zero updates and the old state with one more `nonfinite_steps`.
 
-    The check of the updates and the selects run inside a `lax.cond` on
-    `inputs_finite`, whose operands XLA materialises: written as plain
-    `jnp.where`s, XLA:CPU fuses the per-parameter MLP into each consumer (the
-    finite check and every select) and computes it three times per step.
+    Written per backend (`lax.platform_dependent`, resolved when lowering):
+    XLA:TPU (and GPU) fuse plain `jnp.where`s with the update and the
+    accumulators' update (`skip_fused`). XLA:CPU instead fuses the
+    per-parameter MLP into each consumer of the updates (the finite check and
+    the select) and computes it three times per step, so on CPU the updates'
+    check and select run inside a `lax.cond`, whose operand XLA materialises
+    once (`skip_materialised`). Both give the same result.
     """
-
-    def check(args):
-        updates, state, old = args
-        return _skip_unless(_all_finite(updates), updates, state, old)
-
-    def skip(args):
-        updates, _, old = args
-        return _skip_unless(jnp.zeros((), bool), updates, old, old)
-
-    return jax.lax.cond(inputs_finite, check, skip, (updates, state, old))
-
-
-def _skip_unless(
-    finite: jax.Array, updates: Any, state: VeLOState, old: VeLOState
-) -> tuple[Any, VeLOState]:
-    """Zero updates and the old state (one more `nonfinite_steps`) unless
-    `finite`: a non-finite step changes nothing else."""
-    keep = jax.tree_util.tree_map(
-        lambda new, prev: jnp.where(finite, new, prev), state, old
+    return jax.lax.platform_dependent(
+        inputs_finite, updates, state, old, cpu=skip_materialised, default=skip_fused
     )
+
+
+def _keep_unless(finite, updates, state, old):
     zeros = jax.tree_util.tree_map(
         lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates
     )
-    return zeros, keep._replace(
+    kept = jax.tree_util.tree_map(
+        lambda new, prev: jnp.where(finite, new, prev), state, old
+    )
+    return zeros, kept._replace(
         nonfinite_steps=old.nonfinite_steps + (~finite).astype(jnp.int32)
     )
+
+
+def skip_fused(inputs_finite, updates, state, old):
+    """`_skip_unless_finite` as plain selects (TPU, GPU)."""
+    return _keep_unless(inputs_finite & _all_finite(updates), updates, state, old)
+
+
+def skip_materialised(inputs_finite, updates, state, old):
+    """`_skip_unless_finite` with the updates' check in a `lax.cond` (CPU)."""
+
+    def check(updates):
+        finite = _all_finite(updates)
+        return _keep_unless(finite, updates, state, old)[0], finite
+
+    def skip(updates):
+        return jax.tree_util.tree_map(jnp.zeros_like, updates), jnp.zeros((), bool)
+
+    updates, finite = jax.lax.cond(inputs_finite, check, skip, updates)
+    return _keep_unless(finite, updates, state, old)
 
 
 def _accumulating_step(step_fn, accumulate, state, grads, params, loss):
