@@ -771,6 +771,7 @@ def fit_cost_model(rows: list[dict[str, dict]]) -> str:
         x = np.array([[1.0, r["tensors"], r["local_params"]] for r in runs])
         for key, unit in (
             ("bytes_accessed", "bytes"),
+            ("hbm_bytes", "bytes"),
             ("flops", "flops"),
             ("temp_bytes", "bytes"),
             ("compile_s", "s"),
