@@ -401,9 +401,14 @@ def _shape_elems(text: str) -> list[tuple[int, int]]:
     """(elements, bytes) of every array shape in an HLO type string."""
     out = []
     for dtype, dims in _SHAPE_RE.findall(text):
-        n = int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+        n = _elements(dims)
         out.append((n, n * _DTYPE_BYTES.get(dtype, 4)))
     return out
+
+
+def _elements(dims: str) -> int:
+    """Elements of an HLO array type from its dims text ("512,512")."""
+    return int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
 
 
 def _hbm_bytes(text: str) -> int:
@@ -412,12 +417,11 @@ def _hbm_bytes(text: str) -> int:
     for dtype, dims, lay in _TYPED_RE.findall(text):
         if lay and re.search(r"S\([1-9]\d*\)", lay):
             continue
-        n = int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-        total += n * _DTYPE_BYTES.get(dtype, 4)
+        total += _elements(dims) * _DTYPE_BYTES.get(dtype, 4)
     return total
 
 
-def hbm_traffic(hlo: str) -> int:
+def hbm_traffic(hlo: str, parsed: tuple[list[tuple], dict[str, str]] | None = None) -> int:
     """HBM bytes read and written by the entry computation's instructions.
 
     Each top-level instruction (fusion, Pallas kernel, copy, slice,
@@ -427,11 +431,12 @@ def hbm_traffic(hlo: str) -> int:
     start, the destination at its done). Unlike `cost_analysis()`'s
     'bytes accessed', this neither counts the VMEM side of the staging copies
     nor is blind to Pallas custom calls; applied alike to both optimizers.
+    `parsed`: `_instructions(hlo)`, when the caller has it already.
     """
     entry = re.search(r"^ENTRY\s+%?([\w.\-]+)", hlo, re.M)
     if entry is None:
         return 0
-    instructions, types = _instructions(hlo)
+    instructions, types = parsed or _instructions(hlo)
     free = {"parameter", "bitcast", "tuple", "get-tuple-element", "constant", "after-all"}
     total = 0
     for comp, _, rtype, opcode, operands, _ in instructions:
@@ -600,7 +605,7 @@ def analyse_hlo(hlo: str, local_params: int) -> dict[str, Any]:
         "while_loops": whiles,
         "pallas_calls": pallas_calls,
         "pallas_bytes": pallas_bytes,
-        "hbm_bytes": hbm_traffic(hlo),
+        "hbm_bytes": hbm_traffic(hlo, (instructions, types)),
     }
 
 

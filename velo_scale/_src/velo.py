@@ -438,6 +438,7 @@ def _trained_leaves(params: Any, grads: Any):
     lift = [(1,) if s == () else s for s in shapes]
     return path_leaves, treedef, all_p, all_g, active, shapes, lift
 
+
 def _state_fields(treedef, state: VeLOState, active: list[int]):
     """The 5 per-parameter state fields flattened like the params, and the
     trained tensors' `Accumulators` (in `active` order)."""
@@ -452,6 +453,7 @@ def _state_fields(treedef, state: VeLOState, active: list[int]):
         )
     ]
     return fields, [param_net.Accumulators(*(f[i] for f in fields)) for i in active]
+
 
 def _scatter(treedef, all_p, active, state_leaves, updates, new):
     """The trained tensors' updates and accumulators put back among all leaves.
@@ -754,10 +756,16 @@ def _skip_unless_finite(
     )
 
 
-def _keep_unless(finite, updates, state, old):
-    zeros = jax.tree_util.tree_map(
+def _zero_unless(finite, updates):
+    return jax.tree_util.tree_map(
         lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates
     )
+
+
+def _keep_unless(finite, updates, state, old):
+    """Zero updates and the old state (one more `nonfinite_steps`) unless
+    `finite`: a non-finite step changes nothing else."""
+    zeros = _zero_unless(finite, updates)
     kept = jax.tree_util.tree_map(
         lambda new, prev: jnp.where(finite, new, prev), state, old
     )
@@ -776,7 +784,7 @@ def skip_materialised(inputs_finite, updates, state, old):
 
     def check(updates):
         finite = _all_finite(updates)
-        return _keep_unless(finite, updates, state, old)[0], finite
+        return _zero_unless(finite, updates), finite
 
     def skip(updates):
         return jax.tree_util.tree_map(jnp.zeros_like, updates), jnp.zeros((), bool)

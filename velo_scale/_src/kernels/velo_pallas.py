@@ -102,10 +102,9 @@ def tpu_minor_axes(shape: tuple[int, ...]) -> tuple[int, int]:
     of this shape (rank >= 2): the pair whose (8, 128) tiles pad least, the
     default (last two axes) on ties; the other axes major, in their order."""
     n = len(shape)
-    total = math.prod(shape)
 
     def padded(a, b):
-        rest = total // max(shape[a] * shape[b], 1) if shape[a] * shape[b] else 0
+        rest = math.prod(d for i, d in enumerate(shape) if i not in (a, b))
         return rest * (-(-shape[a] // 8) * 8) * (-(-shape[b] // _LANES) * _LANES)
 
     pairs = [(n - 2, n - 1)] + [
@@ -140,67 +139,63 @@ def layout(shape: tuple[int, ...], global_shape: tuple[int, ...] | None = None) 
     return Layout(tuple(shape), True, perm, b, x, y, bx, d0 == y_axis)
 
 
+def _transposed(a: jax.Array, order, inverse: bool = False) -> jax.Array:
+    """`a` with its axes in `order` (or back from it); no-op for the identity."""
+    order = tuple(int(i) for i in order)
+    if order == tuple(range(len(order))):
+        return a
+    return jnp.transpose(a, np.argsort(order) if inverse else order)
+
+
 def _to_view(a: jax.Array, lay: Layout) -> jax.Array:
     """[*s] -> [B, X, Y]."""
-    if lay.perm != tuple(range(len(lay.shape))):
-        a = jnp.transpose(a, lay.perm)
-    return a.reshape(lay.b, lay.x, lay.y)
+    return _transposed(a, lay.perm).reshape(lay.b, lay.x, lay.y)
 
 
 def _from_view(a: jax.Array, lay: Layout) -> jax.Array:
     """[B, X, Y] -> [*s]."""
     permuted = tuple(lay.shape[i] for i in lay.perm)
-    a = a.reshape(permuted)
-    if lay.perm != tuple(range(len(lay.shape))):
-        a = jnp.transpose(a, np.argsort(lay.perm))
-    return a
+    return _transposed(a.reshape(permuted), lay.perm, inverse=True)
+
+
+def _decayed_order(lay: Layout) -> tuple[int, ...]:
+    """[*s, k] axes in the order of the [B, k, X, Y] view."""
+    return lay.perm[:-2] + (len(lay.shape),) + lay.perm[-2:]
 
 
 def _decayed_to_view(a: jax.Array, lay: Layout) -> jax.Array:
     """[*s, k] -> [B, k, X, Y]."""
-    k, n = a.shape[-1], len(lay.shape)
+    k = a.shape[-1]
     if not lay.factored:
         return jnp.moveaxis(a, -1, 0).reshape(1, k, 1, lay.y)
-    order = lay.perm[:-2] + (n,) + lay.perm[-2:]
-    if order != tuple(range(n + 1)):
-        a = jnp.transpose(a, order)
-    return a.reshape(lay.b, k, lay.x, lay.y)
+    return _transposed(a, _decayed_order(lay)).reshape(lay.b, k, lay.x, lay.y)
 
 
 def _decayed_from_view(a: jax.Array, lay: Layout) -> jax.Array:
-    k, n = a.shape[1], len(lay.shape)
+    k = a.shape[1]
     if not lay.factored:
         return jnp.moveaxis(a.reshape(k, lay.y), 0, -1).reshape(lay.shape + (k,))
-    order = lay.perm[:-2] + (n,) + lay.perm[-2:]
     a = a.reshape(tuple(lay.shape[i] for i in lay.perm[:-2]) + (k, lay.x, lay.y))
-    if order != tuple(range(n + 1)):
-        a = jnp.transpose(a, np.argsort(order))
-    return a
+    return _transposed(a, _decayed_order(lay), inverse=True)
 
 
 def _rms_order(lay: Layout) -> tuple[int, ...]:
-    n = len(lay.shape)
-    return lay.perm[:-1] + (n,) + lay.perm[-1:]
+    """[*s, 1] axes in the order of the [B, X, 1, Y] view."""
+    return lay.perm[:-1] + (len(lay.shape),) + lay.perm[-1:]
 
 
 def _rms_to_view(v: jax.Array, lay: Layout) -> jax.Array:
     """[*s, 1] -> [B, X, 1, Y]."""
     if not lay.factored:
         return v.reshape(1, 1, 1, lay.y)
-    order = _rms_order(lay)
-    if order != tuple(range(len(order))):
-        v = jnp.transpose(v, order)
-    return v.reshape(lay.b, lay.x, 1, lay.y)
+    return _transposed(v, _rms_order(lay)).reshape(lay.b, lay.x, 1, lay.y)
 
 
 def _rms_from_view(v: jax.Array, lay: Layout) -> jax.Array:
     if not lay.factored:
         return v.reshape(lay.shape + (1,))
-    order = _rms_order(lay)
     v = v.reshape(tuple(lay.shape[i] for i in lay.perm[:-1]) + (1, lay.y))
-    if order != tuple(range(len(order))):
-        v = jnp.transpose(v, np.argsort(order))
-    return v
+    return _transposed(v, _rms_order(lay), inverse=True)
 
 
 # --------------------------------------------------------------------------
