@@ -421,7 +421,11 @@ def _hbm_bytes(text: str) -> int:
     return total
 
 
-def hbm_traffic(hlo: str, parsed: tuple[list[tuple], dict[str, str]] | None = None) -> int:
+def hbm_traffic(
+    hlo: str,
+    parsed: tuple[list[tuple], dict[str, str]] | None = None,
+    conditional: str = "min",
+) -> int:
     """HBM bytes read and written by the entry computation's instructions.
 
     Each top-level instruction (fusion, Pallas kernel, copy, slice,
@@ -431,24 +435,41 @@ def hbm_traffic(hlo: str, parsed: tuple[list[tuple], dict[str, str]] | None = No
     start, the destination at its done). Unlike `cost_analysis()`'s
     'bytes accessed', this neither counts the VMEM side of the staging copies
     nor is blind to Pallas custom calls; applied alike to both optimizers.
+    A `conditional` counts one branch, the same way: `conditional="min"` the
+    cheapest (VeLO's Pallas step: the usual step, whose late commit is not
+    taken), `"max"` the dearest (the worst step).
     `parsed`: `_instructions(hlo)`, when the caller has it already.
     """
     entry = re.search(r"^ENTRY\s+%?([\w.\-]+)", hlo, re.M)
     if entry is None:
         return 0
     instructions, types = parsed or _instructions(hlo)
+    by_comp: dict[str, list[tuple]] = {}
+    for ins in instructions:
+        by_comp.setdefault(ins[0], []).append(ins)
+    pick = {"min": min, "max": max}[conditional]
     free = {"parameter", "bitcast", "tuple", "get-tuple-element", "constant", "after-all"}
-    total = 0
-    for comp, _, rtype, opcode, operands, _ in instructions:
-        if comp != entry.group(1) or opcode in free:
-            continue
-        if opcode.endswith("-done"):
-            total += _hbm_bytes(rtype)
-            continue
-        if not opcode.endswith("-start"):
-            total += _hbm_bytes(rtype)
-        total += sum(_hbm_bytes(types.get(o, "")) for o in operands)
-    return total
+
+    def traffic(comp: str) -> int:
+        total = 0
+        for _, _, rtype, opcode, operands, attrs in by_comp.get(comp, []):
+            if opcode in free:
+                continue
+            if opcode == "conditional":
+                branches = re.search(r"branch_computations=\{([^}]*)\}", attrs)
+                names = re.findall(r"%?([\w.\-]+)", branches.group(1)) if branches else []
+                names += re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", attrs)
+                total += pick(traffic(n) for n in names) if names else 0
+                continue
+            if opcode.endswith("-done"):
+                total += _hbm_bytes(rtype)
+                continue
+            if not opcode.endswith("-start"):
+                total += _hbm_bytes(rtype)
+            total += sum(_hbm_bytes(types.get(o, "")) for o in operands)
+        return total
+
+    return traffic(entry.group(1))
 
 
 def _balanced(text: str) -> int:
@@ -606,6 +627,7 @@ def analyse_hlo(hlo: str, local_params: int) -> dict[str, Any]:
         "pallas_calls": pallas_calls,
         "pallas_bytes": pallas_bytes,
         "hbm_bytes": hbm_traffic(hlo, (instructions, types)),
+        "hbm_bytes_worst": hbm_traffic(hlo, (instructions, types), "max"),
     }
 
 

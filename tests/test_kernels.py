@@ -161,3 +161,92 @@ def test_pallas_matches_xla_without_skip_and_with_decay(theta):
 def test_unknown_implementation():
     with pytest.raises(ValueError, match="implementation"):
         velo_scale.velo(10, implementation="triton")
+
+
+def test_late_commit_matches_the_fast_commit(theta, monkeypatch):
+    """With the fast commit off (`write_accumulators` under the `lax.cond`
+    commits every finite step), the results are the XLA path's, the NaN step
+    skipped as before."""
+    import functools
+
+    from velo_scale._src import velo as velo_lib
+
+    monkeypatch.setattr(
+        velo_lib,
+        "_velo_step_pallas",
+        functools.partial(velo_lib._velo_step_pallas, fast_commit=False),
+    )
+    shapes = {k: SHAPES[k] for k in ("wide", "bias", "cube")}
+    bad = _tree(2, 0.1, shapes)
+    bad["cube"] = bad["cube"].at[1, 1, 3].set(jnp.nan)
+    grads = [_tree(1, 0.1, shapes), bad, _tree(3, 0.1, shapes)]
+    got = _run(theta, "pallas", 3, grads, shapes=shapes)
+    _compare(_run(theta, "xla", 3, grads, shapes=shapes), got)
+    assert [int(s.nonfinite_steps) for _, s, _ in got] == [0, 1, 1]
+
+
+def test_pallas_skips_a_nonfinite_update_of_finite_inputs(theta):
+    """|w| = 1e20: every input finite, the update not (its step size
+    overflows); the bound is then infinite, so the step takes the late
+    commit, which finds the update non-finite and keeps the old state."""
+    shapes = SMALL
+    params = _tree(0, shapes=shapes)
+    params["wide"] = params["wide"] * 1e20
+    tx = velo_scale.velo(100, weights=theta, implementation="pallas", pallas_interpret=True)
+    state = tx.init(params)
+    u, new = jax.jit(lambda g, s, p: tx.update(g, s, p, loss=1.0))(
+        _tree(1, 0.1, shapes), state, params
+    )
+    assert int(new.nonfinite_steps) == 1
+    for x in jax.tree_util.tree_leaves(u):
+        np.testing.assert_array_equal(np.asarray(x), 0.0)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(new._replace(nonfinite_steps=state.nonfinite_steps)),
+        jax.tree_util.tree_leaves(state),
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("tail", ["normal", "heavy", "sparse"])
+def test_update_bound_bounds_the_update(theta, tail):
+    """`param_net.update_bound` from the channels' maxima is at least the
+    largest |update| (XLA path's MLP), for gradients with normal, Cauchy and
+    mostly-zero elements, and finite there, far below float32's range (so the
+    usual step takes the fast commit)."""
+    from velo_scale._src import param_net, tensor_net
+    from velo_scale._src import velo as velo_lib
+
+    rng = np.random.default_rng(7)
+    shape = (48, 200)
+    p = jnp.asarray(0.05 * rng.normal(size=shape), jnp.float32)
+    g = {
+        "normal": rng.normal(size=shape),
+        "heavy": rng.standard_cauchy(size=shape),
+        "sparse": rng.normal(size=shape) * (rng.random(shape) < 0.01),
+    }[tail]
+    g = jnp.clip(jnp.asarray(g, jnp.float32), -1000, 1000)
+    tx = velo_scale.velo(100, weights=theta)
+    state = tx.init({"w": p})
+    acc = param_net.Accumulators(
+        state.momentum["w"], state.rms["w"], state.factored.v_row["w"],
+        state.factored.v_col["w"], None,
+    )  # fmt: skip
+    new = param_net.update_accumulators(g, acc)
+    chans = param_net.feature_channels(p, g, new)
+    max_abs = jnp.stack([jnp.max(jnp.abs(x)) for x in chans])
+    mean_sq = param_net.channel_mean_squares(p, g, new)[None]
+    stats = tensor_net.tensor_statistics(p, acc.m, acc.v)
+    b = velo_lib._phase_b(
+        theta_arrays(theta), state, [stats], [mean_sq[0]], [shape],
+        jnp.float32(0.3), jnp.zeros((9,), jnp.float32),
+    )  # fmt: skip
+    mlp = {k: w[0] for k, w in b.mlps.items()}
+    update = param_net.apply(mlp, b.w0[0], b.scale[0], p, g, new)
+    bound = param_net.update_bound(mlp, b.w0[0], b.scale[0], max_abs, 1e-2)
+    assert float(jnp.max(jnp.abs(update))) <= float(bound)
+    assert np.isfinite(float(bound))
+    assert float(bound) < velo_lib._commit_limit(jnp.float32) * 1e-20
+
+
+def theta_arrays(theta):
+    return jax.tree_util.tree_map(jnp.asarray, theta)

@@ -218,6 +218,42 @@ def apply(
     return -(scale * (direction * jnp.exp(magnitude * EXP_MULT)))
 
 
+def update_bound(
+    mlp: Mapping[str, jax.Array],
+    w0: jax.Array,
+    scale: jax.Array,
+    max_abs: jax.Array,
+    decoupled_weight_decay: float = 0.0,
+) -> jax.Array:
+    """f32[], an upper bound on `max |update|` of one tensor (`apply`'s
+    update, minus `decoupled_weight_decay * p`).
+
+    From `M_c = max |x_c|`, the largest magnitude of each input channel over
+    the tensor, by the triangle inequality layer by layer: the first layer's
+    outputs are at most `|b0| + sum_c M_c |w0[c]|`, a relu keeps a bound, the
+    next layers map bounds through `|w|` and `|b|`, and the step is at most
+    `|scale| * D * exp(0.001 * A)` for the bounds D, A of the direction and
+    the magnitude. It is computed with elementwise f32 products and sums (no
+    matmul, whose precision differs by backend); its own rounding is far
+    below the margin `velo` leaves against the dtype's largest value. A NaN
+    or infinite `M_c` gives a NaN or infinite bound.
+
+    Args:
+      mlp, w0, scale: as for `apply` (w0 f32[30, F], normalisers folded in).
+      max_abs: f32[30] the channels' maxima of `|x_c|`.
+    """
+    h = jnp.abs(mlp["b0"]) + jnp.sum(max_abs[:, None] * jnp.abs(w0), axis=0)
+    layers = num_hidden_layers(mlp)
+    for layer in range(1, layers + 1):
+        w, b = mlp[f"w{layer}"], mlp[f"b{layer}"]
+        if layer == layers:
+            w, b = w[:, :2], b[:2]
+        h = jnp.abs(b) + jnp.sum(h[:, None] * jnp.abs(w), axis=0)
+    direction, magnitude = h[0], h[1]
+    step = jnp.abs(scale) * (direction * jnp.exp(magnitude * EXP_MULT))
+    return step + decoupled_weight_decay * max_abs[2]
+
+
 def _dense(xs: list[jax.Array], w: jax.Array, b: jax.Array) -> list[jax.Array]:
     """`[b_j + sum_i xs[i] * w[i, j] for j]`: a dense layer over channel lists.
 

@@ -840,6 +840,7 @@ def _velo_step_pallas(
     decoupled_weight_decay: float = 0.0,
     mesh: Any = None,
     param_specs: Any = None,
+    fast_commit: bool = True,
 ) -> tuple[Any, VeLOState, VeLOIntermediates]:
     """`velo_step` with the per-parameter passes as Pallas kernels.
 
@@ -852,10 +853,16 @@ def _velo_step_pallas(
     call) the step also does what `velo`'s update does after `velo_step`:
     the decoupled weight decay and the cast to the params' dtypes (inside
     the kernel), and the non-finite skip: the kernels count non-finite
-    gradient and update elements, phase C writes only the update, and a
-    last kernel per tensor writes the new accumulators in place, or keeps
-    the old ones when the step is skipped. The returned updates are then
-    final (zero on a skipped step) and `state.nonfinite_steps` is counted.
+    gradient and update elements and bound each update from the maxima of
+    its MLP's input channels (`param_net.update_bound`). When the loss and
+    the gradients are finite and every bound is below the update dtype's
+    range (the usual step: the update is then provably finite), phase C
+    writes the new accumulators in place: three passes. Otherwise phase C
+    writes the old ones back and, only if the updates then turn out finite,
+    a last kernel per tensor (`write_accumulators`, under a `lax.cond`)
+    writes the new ones. The returned updates are final (zero on a skipped
+    step) and `state.nonfinite_steps` is counted. `fast_commit=False` (for
+    tests) always takes the second way.
     """
     from velo_scale._src.kernels import velo_pallas
 
@@ -912,41 +919,96 @@ def _velo_step_pallas(
     mlps, w0, scale = b.mlps, b.w0, b.scale
 
     updates = [None] * n
-    bad = []  # non-finite element counts (f32[]) and flags (bool[])
+    bad = []  # non-finite flags (bool[])
+    dtypes = [
+        _dtype(all_p[active[i]]) if skip_nonfinite else jnp.float32 for i in range(n)
+    ]
+    wd = decoupled_weight_decay if skip_nonfinite else 0.0
+    # The XLA-path tensors first: with the skip, their updates' finiteness
+    # is part of the fast commit's condition.
     for i in range(n):
-        mlp = {k: w[i] for k, w in mlps.items()}
-        dtype = _dtype(all_p[active[i]]) if skip_nonfinite else jnp.float32
         if use[i]:
-            update, acc, upd_bad = velo_pallas.sharded_phase_c(
-                mlp, w0[i], scale[i], raw_p[i], raw_g[i], lifted[i], aux[i], tsh[i],
-                interpret=interpret, update_dtype=dtype,
-                write_state=not skip_nonfinite,
-                decoupled_weight_decay=decoupled_weight_decay if skip_nonfinite else 0.0,
-            )  # fmt: skip
-            if acc is not None:
-                new[i] = _lower_accumulators(acc, shapes[i] == (), old[i])
-            bad += [aux[i].grad_nonfinite > 0, upd_bad > 0]
-        else:
-            p = raw_p[i].astype(jnp.float32)
-            g = jnp.clip(raw_g[i].astype(jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP)
-            update = param_net.apply(mlp, w0[i], scale[i], p, g, new[i])
-            new[i] = _lower_accumulators(new[i], shapes[i] == (), old[i])
-            if skip_nonfinite:
-                if decoupled_weight_decay:
-                    update = update - decoupled_weight_decay * p
-                update = update.astype(dtype)
-                bad += [~_all_finite([raw_g[i]]), ~_all_finite([update])]
+            continue
+        mlp = {k: w[i] for k, w in mlps.items()}
+        p = raw_p[i].astype(jnp.float32)
+        g = jnp.clip(raw_g[i].astype(jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP)
+        update = param_net.apply(mlp, w0[i], scale[i], p, g, new[i])
+        new[i] = _lower_accumulators(new[i], shapes[i] == (), old[i])
+        if skip_nonfinite:
+            if wd:
+                update = update - wd * p
+            update = update.astype(dtypes[i])
+            bad += [~_all_finite([raw_g[i]]), ~_all_finite([update])]
+        updates[i] = update.reshape(shapes[i])
+
+    commit = True
+    if skip_nonfinite:
+        # The fast commit: when the loss and gradients are finite and every
+        # kernel tensor's update is bounded below its dtype's range (so
+        # provably finite), phase C writes the new accumulators in place and
+        # the step needs no 4th pass. Otherwise phase C writes the old ones
+        # back and `write_accumulators` commits them once the updates are
+        # known to be finite.
+        fast = [jnp.isfinite(loss), ~jnp.any(jnp.stack(bad)) if bad else True]
+        for i in range(n):
+            if use[i]:
+                mlp = {k: w[i] for k, w in mlps.items()}
+                bound = param_net.update_bound(
+                    mlp, w0[i], scale[i], aux[i].max_abs, wd
+                )
+                fast += [
+                    aux[i].grad_nonfinite == 0,
+                    bound < _commit_limit(dtypes[i]),
+                ]
+        commit = jnp.all(jnp.stack([jnp.asarray(x) for x in fast]))
+        if not fast_commit:
+            commit = jnp.zeros((), bool)
+    for i in range(n):
+        if not use[i]:
+            continue
+        mlp = {k: w[i] for k, w in mlps.items()}
+        update, acc, upd_bad = velo_pallas.sharded_phase_c(
+            mlp, w0[i], scale[i], raw_p[i], raw_g[i], lifted[i], aux[i], tsh[i],
+            interpret=interpret, update_dtype=dtypes[i], commit=commit,
+            decoupled_weight_decay=wd,
+        )  # fmt: skip
+        if skip_nonfinite:  # m, v (and the diagonal); the vectors below.
+            acc = acc._replace(v_row=lifted[i].v_row, v_col=lifted[i].v_col)
+        new[i] = acc
+        bad += [aux[i].grad_nonfinite > 0, upd_bad > 0]
         updates[i] = update.reshape(shapes[i])
 
     finite = None
     if skip_nonfinite:
         finite = jnp.isfinite(loss) & ~jnp.any(jnp.stack(bad))
+        kernel = [i for i in range(n) if use[i]]
+
+        def late_commit(operands):
+            accs, aux_k = operands
+            return [
+                velo_pallas.sharded_write_accumulators(
+                    jnp.ones((), bool), raw_g[i], a, x, tsh[i], interpret=interpret
+                )._replace(v_row=a.v_row, v_col=a.v_col)
+                for i, a, x in zip(kernel, accs, aux_k)
+            ]
+
+        def no_commit(operands):
+            return operands[0]
+
+        if kernel:
+            accs = jax.lax.cond(
+                finite & ~commit, late_commit, no_commit,
+                ([new[i] for i in kernel], [aux[i] for i in kernel]),
+            )  # fmt: skip
+            for i, a in zip(kernel, accs):
+                new[i] = a
         for i in range(n):
             if use[i]:
-                acc = velo_pallas.sharded_write_accumulators(
-                    finite, raw_g[i], lifted[i], aux[i], tsh[i], interpret=interpret
+                a = aux[i]
+                new[i] = new[i]._replace(
+                    v_row=_where_or_none(finite, a.v_row, old[i].v_row),
+                    v_col=_where_or_none(finite, a.v_col, old[i].v_col),
                 )
-                new[i] = _lower_accumulators(acc, shapes[i] == (), old[i])
             else:
                 new[i] = param_net.Accumulators(
                     *(
@@ -955,6 +1017,9 @@ def _velo_step_pallas(
                     )
                 )
             updates[i] = jnp.where(finite, updates[i], jnp.zeros_like(updates[i]))
+    for i in range(n):
+        if use[i]:
+            new[i] = _lower_accumulators(new[i], shapes[i] == (), old[i])
 
     full_updates, (new_m, new_v, new_row, new_col, new_diag) = _scatter(
         treedef, all_p, active, state_leaves, updates, new
@@ -980,6 +1045,17 @@ def _velo_step_pallas(
         **small,
     )
     return full_updates, new_state, b.intermediates(fraction, loss_feats)
+
+
+def _commit_limit(dtype) -> float:
+    """The bound below which an update of this dtype is taken as finite: the
+    dtype's largest value with a 16x margin (for the rounding of the bound
+    and of the cast)."""
+    return float(jnp.finfo(dtype).max) / 16
+
+
+def _where_or_none(cond, a, b):
+    return None if a is None else jnp.where(cond, a.astype(b.dtype), b)
 
 
 def _lift_accumulators_keep_dtype(

@@ -8,19 +8,24 @@ the XLA path, between the 2nd and the 3rd):
 1. `_reduce_kernel` reads p, g, the 3 momenta and rms once and gives every
    tensor-wide sum that needs no factored accumulator: the LSTM statistics of
    the previous state (block means and centred sums of squares, combined with
-   Chan's formula, so the variances stay centred like the XLA path's), the 24
-   elementwise channel sums of squares of the updated accumulators, the
-   row and column sums of g**2 (the factored accumulators' input) and a count
-   of non-finite gradient elements.
+   Chan's formula, so the variances stay centred like the XLA path's), the
+   elementwise channels' sums of squares and maxima of |x| (for the update's
+   bound) of the updated accumulators, the row and column sums of g**2 (the
+   factored accumulators' input) and a count of non-finite gradient
+   elements.
 2. `_factored_kernel` (factored tensors only) reads g and the momenta once
    more for the 6 channels that need the new row/column factors.
-3. `_apply_kernel` recomputes the channels, runs the per-parameter MLP and
-   writes the new momenta, rms (and diagonal accumulators) and the update,
-   and counts non-finite update elements.
-4. With the non-finite skip (`velo`'s default), `_apply_kernel` writes only
-   the update, and `_state_kernel` (`write_accumulators`) writes the new
-   accumulators in place once the step is known finite, or keeps the old
-   ones: the exact skip without a select pass over the state.
+3. `_apply_kernel` recomputes the channels, runs the per-parameter MLP,
+   writes the update and counts its non-finite elements, and writes the new
+   momenta, rms (and diagonal accumulators) in place where its commit flag
+   is set, else the old ones again.
+4. With the non-finite skip (`velo`'s default) the commit flag is set when
+   the loss and gradients are finite and every update is provably finite
+   (`param_net.update_bound` from the channels' maxima): the usual step.
+   Otherwise `_state_kernel` (`write_accumulators`, under a `lax.cond`)
+   writes the new accumulators in place once the step is known finite, or
+   the step keeps the old ones: the exact skip without a select pass over
+   the state, and in the usual step without a 4th pass.
 
 Every tensor is seen as `[B, X, Y]`: Y the axis XLA:TPU lays out minor-most
 (lanes), X the second-minor one (sublanes), both of them the factored axes,
@@ -59,22 +64,29 @@ _LANES = 128
 _BLOCK_ELEMENTS = 32 * 1024
 _VMEM_LIMIT_BYTES = 48 * 1024 * 1024
 
-# Rows of the per-block sums output of the reduce kernel.
-_S1 = 40
-_S2 = 8
+# Rows of the per-block scalars output of the reduction kernels (one (8, 128)
+# tile: the scalars lie in the lanes of row 0).
+_SUMS_ROWS = 8
 
 
 def _sum(x):
     return jnp.sum(x, keepdims=True).reshape(1, 1)
 
 
-def _put(ref, rows: list) -> None:
-    """Writes scalars (each [1, 1]) broadcast over the lanes of rows 0..n-1."""
-    for k, s in enumerate(rows):
-        ref[k : k + 1, :] = jnp.broadcast_to(s, (1, _LANES))
-    n = len(rows)
-    if n < ref.shape[0]:
-        ref[n:, :] = jnp.zeros((ref.shape[0] - n, _LANES), jnp.float32)
+def _max_abs(x):
+    return jnp.max(jnp.abs(x), keepdims=True).reshape(1, 1)
+
+
+def _put(ref, scalars: list) -> None:
+    """Writes up to 128 scalars (each [1, 1]) into the lanes of row 0 of
+    `ref` [8, 128] (the other rows zero)."""
+    assert len(scalars) <= _LANES, len(scalars)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (1, _LANES), 1)
+    row = jnp.zeros((1, _LANES), jnp.float32)
+    for k, s in enumerate(scalars):
+        row = jnp.where(lane == k, s, row)
+    ref[0:1, :] = row
+    ref[1:, :] = jnp.zeros((ref.shape[0] - 1, _LANES), jnp.float32)
 
 
 class Layout(NamedTuple):
@@ -276,7 +288,8 @@ def _reduce_kernel(*refs, factored: bool):
     m_new, v_new, vd_new = _new_accumulators(g, m_ref, v_ref, vd_ref)
     ch = _elementwise_channels(p, g, m_new, v_new, vd_new)
     sums = [_sum(jnp.square(ch[c])) for c in sorted(ch)]
-    _put(s_ref, stats + sums + [bad])
+    maxima = [_max_abs(ch[c]) for c in sorted(ch)]
+    _put(s_ref, stats + sums + [bad] + maxima)
     if factored:
         grad_sqr = g * g + np.float32(accumulators.ADAFACTOR_EPSILON)
         row_ref[...] = jnp.sum(grad_sqr, axis=1, keepdims=True)
@@ -286,7 +299,7 @@ def _reduce_kernel(*refs, factored: bool):
 def _factored_kernel(g_ref, m_ref, xf_ref, yf_ref, s_ref):
     g = jnp.clip(g_ref[...].astype(jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP)
     md = _momentum_decays()
-    sums_g, sums_m = [], []
+    sums_g, sums_m, max_g, max_m = [], [], [], []
     for k, d in enumerate(md):
         factor = xf_ref[k] * yf_ref[k]
         mk = np.float32(d) * m_ref[k].astype(jnp.float32) + np.float32(
@@ -294,7 +307,9 @@ def _factored_kernel(g_ref, m_ref, xf_ref, yf_ref, s_ref):
         ) * g
         sums_g.append(_sum(jnp.square(g * factor)))
         sums_m.append(_sum(jnp.square(mk * factor)))
-    _put(s_ref, sums_g + sums_m)
+        max_g.append(_max_abs(g * factor))
+        max_m.append(_max_abs(mk * factor))
+    _put(s_ref, sums_g + sums_m + max_g + max_m)
 
 
 def _apply_kernel(
@@ -374,12 +389,16 @@ def _apply_kernel(
     u = u.astype(u_ref.dtype)
     u_ref[...] = u
     if write_state:
+        # The new accumulators where the commit flag is set, else the old
+        # ones again (the outputs alias the inputs).
+        (commit,) = take(1)
+        ok = commit != 0
         for k in range(3):
-            mo_ref[k] = m_new[k].astype(mo_ref.dtype)
-        vo_ref[...] = v_new.astype(vo_ref.dtype)
+            mo_ref[k] = jnp.where(ok, m_new[k].astype(mo_ref.dtype), m_ref[k])
+        vo_ref[...] = jnp.where(ok, v_new.astype(vo_ref.dtype), v_ref[...])
         if vdo_ref is not None:
             for k in range(3):
-                vdo_ref[k] = vd_new[k].astype(vdo_ref.dtype)
+                vdo_ref[k] = jnp.where(ok, vd_new[k].astype(vdo_ref.dtype), vd_ref[k])
     bad_ref[...] = jnp.broadcast_to(
         _sum(jnp.where(jnp.isfinite(u.astype(jnp.float32)), 0.0, 1.0)), bad_ref.shape
     )
@@ -437,10 +456,16 @@ class PhaseA(NamedTuple):
     row_factor: Any  # f32[*s with d0 of size 1, 3] (factored)
     col_factor: Any  # f32[*s with d1 of size 1, 3]
     grad_nonfinite: jax.Array  # f32[], count of non-finite gradient elements
+    # f32[30], max |x_c| of each MLP input channel over the tensor (of the
+    # values the apply kernel computes), for `param_net.update_bound`.
+    max_abs: jax.Array
 
 
 def _identity_psum(x, _axes):
     return x
+
+
+_identity_pmax = _identity_psum
 
 
 def phase_a(
@@ -450,6 +475,7 @@ def phase_a(
     *,
     interpret: bool = False,
     psum=None,
+    pmax=None,
     global_shape: tuple[int, ...] | None = None,
 ) -> PhaseA:
     """Statistics, channel mean squares and factored accumulators of a tensor.
@@ -461,9 +487,11 @@ def phase_a(
       interpret: run the kernels in Pallas' interpreter (any backend).
       psum: `psum(x, tensor_axes)` sums over the mesh axes that shard the given
         tensor axes (inside `shard_map`); None on one device.
+      pmax: likewise, the maximum over those mesh axes.
       global_shape: the unsharded shape (for the means); default `p.shape`.
     """
     psum = psum or _identity_psum
+    pmax = pmax or _identity_pmax
     shape = tuple(p.shape)
     global_shape = tuple(global_shape or shape)
     lay = layout(shape, global_shape)
@@ -475,7 +503,7 @@ def phase_a(
     m_v = _decayed_to_view(acc.m, lay)
     v_v = _rms_to_view(acc.v, lay)
     all_axes = tuple(range(len(shape)))
-    sums_shape = jax.ShapeDtypeStruct((lay.b, nb, _S1, _LANES), jnp.float32)
+    sums_shape = jax.ShapeDtypeStruct((lay.b, nb, _SUMS_ROWS, _LANES), jnp.float32)
     if lay.factored:
         in_specs = [sp["full"], sp["full"], sp["dec"], sp["rms"]]
         out_shape = (
@@ -484,7 +512,7 @@ def phase_a(
             jax.ShapeDtypeStruct((lay.b, nb, 1, lay.y), jnp.float32),
         )
         out_specs = (
-            sp["sums"](_S1),
+            sp["sums"](_SUMS_ROWS),
             pl.BlockSpec((None, lay.bx, 1), lambda b, i: (b, i, 0)),
             pl.BlockSpec((None, None, 1, lay.y), lambda b, i: (b, i, 0, 0)),
         )
@@ -492,7 +520,7 @@ def phase_a(
     else:
         in_specs = [sp["full"], sp["full"], sp["dec"], sp["rms"], sp["dec"]]
         out_shape = (sums_shape,)
-        out_specs = (sp["sums"](_S1),)
+        out_specs = (sp["sums"](_SUMS_ROWS),)
         args = (p_v, g_v, m_v, v_v, _decayed_to_view(acc.v_diag, lay))
     outs = pl.pallas_call(
         functools.partial(_reduce_kernel, factored=lay.factored),
@@ -503,7 +531,7 @@ def phase_a(
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(),
     )(*args)
-    blocks = outs[0][:, :, :, 0].reshape(lay.b * nb, _S1)
+    blocks = outs[0][:, :, 0, :].reshape(lay.b * nb, _LANES)
 
     # Previous-state statistics: Chan's combination of equal-size blocks
     # (then over devices: local sums of n_b * mean and of M2 + n_b * mean**2
@@ -516,10 +544,11 @@ def phase_a(
         jnp.sum(m2s, axis=0) + n_b * jnp.sum(jnp.square(means - mean), axis=0),
         all_axes,
     )
-    sums = psum(jnp.sum(blocks[:, 8:], axis=0), all_axes)
     n_full = 12 if lay.factored else 30  # elementwise channels summed
+    sums = psum(jnp.sum(blocks[:, 8 : 9 + n_full], axis=0), all_axes)
     chan_sums = sums[:n_full]
     grad_bad = sums[n_full]
+    chan_max = pmax(jnp.max(blocks[:, 9 + n_full : 9 + 2 * n_full], axis=0), all_axes)
     mean_p2 = chan_sums[2] / n_global
     norm = jax.lax.rsqrt(jnp.maximum(1e-9, mean_p2))
     mean_m = mean[:3] * norm
@@ -531,15 +560,16 @@ def phase_a(
         [_clip_log_abs(mean_rms), _clip_log_abs(var_m), _clip_log_abs(var_rms)]
     )
 
-    mean_sq = [None] * 30
+    mean_sq, max_abs = [None] * 30, [None] * 30
     if not lay.factored:
         for c in range(30):
             mean_sq[c] = chan_sums[c] / n_global
         return PhaseA(stats, jnp.stack(mean_sq), acc.v_row, acc.v_col, None, None,
-                      grad_bad)  # fmt: skip
+                      grad_bad, chan_max)  # fmt: skip
     full = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 14)
     for i, c in enumerate(full):
         mean_sq[c] = chan_sums[i] / n_global
+        max_abs[c] = chan_max[i]
 
     # Factored accumulators, in the tensor's own axes (as update_factored).
     d1, d0 = accumulators.factored_dims(global_shape)
@@ -577,17 +607,21 @@ def phase_a(
 
     s2 = pl.pallas_call(
         _factored_kernel,
-        out_shape=jax.ShapeDtypeStruct((lay.b, nb, _S2, _LANES), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((lay.b, nb, _SUMS_ROWS, _LANES), jnp.float32),
         grid=grid,
         in_specs=[sp["full"], sp["dec"], sp["xvec"](3), sp["yvec"](3)],
-        out_specs=sp["sums"](_S2),
+        out_specs=sp["sums"](_SUMS_ROWS),
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(),
     )(g_v, m_v, xfac, yfac)
-    s2 = psum(jnp.sum(s2[:, :, :6, 0].reshape(-1, 6), axis=0), all_axes)
+    s2 = s2[:, :, 0, :12].reshape(-1, 12)
+    s2_max = pmax(jnp.max(s2[:, 6:], axis=0), all_axes)
+    s2 = psum(jnp.sum(s2[:, :6], axis=0), all_axes)
     for k in range(3):
         mean_sq[11 + k] = s2[k] / n_global
         mean_sq[27 + k] = s2[3 + k] / n_global
+        max_abs[11 + k] = s2_max[k]
+        max_abs[27 + k] = s2_max[3 + k]
     # The row/column channels: mean squares of the small vectors themselves
     # (each shard holds its slice; psum over the axes that shard it).
     for k in range(3):
@@ -604,7 +638,12 @@ def phase_a(
         mean_sq[24 + k] = (
             psum(jnp.sum(jnp.square(jax.lax.rsqrt(c + 1e-8))), c_axes) / n_c
         )
-    return PhaseA(stats, jnp.stack(mean_sq), v_row, v_col, rf, cf, grad_bad)
+        max_abs[15 + k] = pmax(jnp.max(jnp.abs(r)), r_axes)
+        max_abs[18 + k] = pmax(jnp.max(jnp.abs(c)), c_axes)
+        max_abs[21 + k] = pmax(jnp.max(jnp.abs(jax.lax.rsqrt(r + 1e-8))), r_axes)
+        max_abs[24 + k] = pmax(jnp.max(jnp.abs(jax.lax.rsqrt(c + 1e-8))), c_axes)
+    return PhaseA(stats, jnp.stack(mean_sq), v_row, v_col, rf, cf, grad_bad,
+                  jnp.stack(max_abs))  # fmt: skip
 
 
 def _factor_views(rf, cf, lay: Layout, d1: int):
@@ -643,6 +682,7 @@ def phase_c(
     interpret: bool = False,
     update_dtype: Any = jnp.float32,
     write_state: bool = True,
+    commit: Any = True,
     decoupled_weight_decay: float = 0.0,
     global_shape: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, param_net.Accumulators | None, jax.Array]:
@@ -652,6 +692,9 @@ def phase_c(
       write_state: False: only the update and its non-finite count (the
         accumulators are then written by `write_accumulators`, once the step
         is known to be finite).
+      commit: bool[] (write_state only): write the new accumulators in place
+        where true, else write the old ones back (the step's commit is then
+        left to `write_accumulators`).
       decoupled_weight_decay: `update -= decoupled_weight_decay * p` inside
         the kernel, before the cast to `update_dtype` and the finite count.
       global_shape: the unsharded shape (inside `shard_map`); default `p.shape`.
@@ -679,6 +722,8 @@ def phase_c(
             w, b = w[:, :2], b[:2]
         weights += [w.reshape(-1), b.reshape(-1)]
     weights.append(jnp.reshape(scale, (1,)))
+    if write_state:
+        weights.append(jnp.reshape(commit, (1,)))
     flat = jnp.concatenate([jnp.asarray(x, jnp.float32) for x in weights])
 
     from jax.experimental.pallas import tpu as pltpu
@@ -874,6 +919,10 @@ class TensorSharding(NamedTuple):
         names = self.names(tensor_axes)
         return jax.lax.psum(x, names) if names else x
 
+    def pmax(self, x, tensor_axes):
+        names = self.names(tensor_axes)
+        return jax.lax.pmax(x, names) if names else x
+
 
 def tensor_sharding(mesh, spec, ndim: int) -> TensorSharding | None:
     """None when `mesh` is None; `spec` a PartitionSpec of the tensor, or of
@@ -906,11 +955,11 @@ def _phase_a_specs(sh: TensorSharding, shape, acc):
     specs, rep = _acc_specs(sh, shape, acc)
     dims = accumulators.factored_dims(shape)
     if dims is None:
-        return PhaseA(rep, rep, None, None, None, None, rep)
+        return PhaseA(rep, rep, None, None, None, None, rep, rep)
     d1, d0 = dims
     return PhaseA(
         rep, rep, specs.v_row, specs.v_col,
-        sh.spec(drop=d0, extra=1), sh.spec(drop=d1, extra=1), rep,
+        sh.spec(drop=d0, extra=1), sh.spec(drop=d1, extra=1), rep, rep,
     )  # fmt: skip
 
 
@@ -923,7 +972,8 @@ def sharded_phase_a(p, g, acc, sh: TensorSharding | None, *, interpret=False) ->
 
     def fn(p, g, acc):
         return phase_a(
-            p, g, acc, interpret=interpret, psum=sh.psum, global_shape=shape
+            p, g, acc, interpret=interpret, psum=sh.psum, pmax=sh.pmax,
+            global_shape=shape,
         )
 
     acc_specs, _ = _acc_specs(sh, shape, acc)
@@ -947,8 +997,12 @@ def sharded_phase_c(
 
     shape = tuple(p.shape)
 
-    def fn(mlp, w0, scale, p, g, acc, a):
-        update, new, bad = phase_c(mlp, w0, scale, p, g, acc, a, global_shape=shape, **kw)
+    commit = jnp.asarray(kw.pop("commit", True))
+
+    def fn(mlp, w0, scale, commit, p, g, acc, a):
+        update, new, bad = phase_c(
+            mlp, w0, scale, p, g, acc, a, commit=commit, global_shape=shape, **kw
+        )
         return update, new, sh.psum(bad, tuple(range(len(shape))))
 
     acc_specs, rep = _acc_specs(sh, shape, acc)
@@ -957,10 +1011,10 @@ def sharded_phase_c(
     return jax.shard_map(
         fn,
         mesh=sh.mesh,
-        in_specs=(P(), P(), P(), sh.spec(), sh.spec(), acc_specs, a_specs),
+        in_specs=(P(), P(), P(), P(), sh.spec(), sh.spec(), acc_specs, a_specs),
         out_specs=(sh.spec(), out_acc, rep),
         check_vma=False,
-    )(mlp, w0, scale, p, g, acc, a)
+    )(mlp, w0, scale, commit, p, g, acc, a)
 
 
 def sharded_write_accumulators(ok, g, acc, a: PhaseA, sh: TensorSharding | None, **kw):
