@@ -711,6 +711,10 @@ def markdown_tables(rows: list[dict[str, dict]]) -> str:
             vv, aa = pp(v, key), pp(a, key)
             return f"{_f(vv, spec)} vs {_f(aa, spec)} = {_ratio(vv, aa)}"
 
+        hbm_cell = cell("hbm_bytes")
+        worst = pp(v, "hbm_bytes_worst")
+        if worst is not None and worst != pp(v, "hbm_bytes"):
+            hbm_cell += f" (worst step {_f(worst)})"
         compile_cell = (
             f"{_f(v and v['compile_s'])} vs {_f(a and a['compile_s'])} = "
             f"{_ratio(v and v['compile_s'], a and a['compile_s'])} "
@@ -719,7 +723,7 @@ def markdown_tables(rows: list[dict[str, dict]]) -> str:
         )
         lines.append(
             f"| {any_['tree']} | {any_['params']:,} | {any_['tensors']} "
-            f"| {cell('bytes_accessed')} | {cell('hbm_bytes')} | {cell('flops')} "
+            f"| {cell('bytes_accessed')} | {hbm_cell} | {cell('flops')} "
             f"| {_f(pp(v, 'temp_bytes'))} / {_f(pp(a, 'temp_bytes'))} "
             f"| {compile_cell} "
             f"| {_collective(v) if v else 'n/a'} / {_collective(a) if a else 'n/a'} |"
