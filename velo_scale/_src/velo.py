@@ -983,22 +983,19 @@ def _velo_step_pallas(
         finite = jnp.isfinite(loss) & ~jnp.any(jnp.stack(bad))
         kernel = [i for i in range(n) if use[i]]
 
-        def late_commit(operands):
-            accs, aux_k = operands
+        def late_commit(accs):
             return [
                 velo_pallas.sharded_write_accumulators(
-                    jnp.ones((), bool), raw_g[i], a, x, tsh[i], interpret=interpret
-                )._replace(v_row=a.v_row, v_col=a.v_col)
-                for i, a, x in zip(kernel, accs, aux_k)
+                    jnp.ones((), bool), raw_g[i], a, tsh[i], interpret=interpret
+                )
+                for i, a in zip(kernel, accs)
             ]
 
-        def no_commit(operands):
-            return operands[0]
-
         if kernel:
+            # Only m, v (and the diagonal) pass through the cond.
             accs = jax.lax.cond(
-                finite & ~commit, late_commit, no_commit,
-                ([new[i] for i in kernel], [aux[i] for i in kernel]),
+                finite & ~commit, late_commit, lambda accs: accs,
+                [new[i] for i in kernel],
             )  # fmt: skip
             for i, a in zip(kernel, accs):
                 new[i] = a

@@ -829,13 +829,13 @@ def write_accumulators(
     ok: jax.Array,
     g: jax.Array,
     acc: param_net.Accumulators,
-    a: PhaseA,
     *,
     interpret: bool = False,
     global_shape: tuple[int, ...] | None = None,
 ) -> param_net.Accumulators:
-    """The new accumulators where `ok`, else the old ones: one pass that reads
-    g and the accumulators and writes them in place (aliased)."""
+    """The new momenta, rms (and diagonal accumulators) where `ok`, else the
+    old ones: one pass that reads g and them and writes them in place
+    (aliased). The factored vectors (small, from `phase_a`) pass through."""
     from jax.experimental.pallas import tpu as pltpu
 
     lay = layout(tuple(g.shape), global_shape)
@@ -870,13 +870,8 @@ def write_accumulators(
     m_new = _decayed_from_view(outs[0], lay)
     v_new = _rms_from_view(outs[1], lay)
     if lay.factored:
-        keep = jnp.reshape(ok, ())
-        v_row = jnp.where(keep, a.v_row.astype(acc.v_row.dtype), acc.v_row)
-        v_col = jnp.where(keep, a.v_col.astype(acc.v_col.dtype), acc.v_col)
-        return param_net.Accumulators(m_new, v_new, v_row, v_col, None)
-    return param_net.Accumulators(
-        m_new, v_new, None, None, _decayed_from_view(outs[2], lay)
-    )
+        return acc._replace(m=m_new, v=v_new)
+    return acc._replace(m=m_new, v=v_new, v_diag=_decayed_from_view(outs[2], lay))
 
 
 # --------------------------------------------------------------------------
@@ -1017,22 +1012,22 @@ def sharded_phase_c(
     )(mlp, w0, scale, commit, p, g, acc, a)
 
 
-def sharded_write_accumulators(ok, g, acc, a: PhaseA, sh: TensorSharding | None, **kw):
+def sharded_write_accumulators(ok, g, acc, sh: TensorSharding | None, **kw):
     """`write_accumulators`, inside `shard_map` when `sh` is given."""
     if sh is None:
-        return write_accumulators(ok, g, acc, a, **kw)
+        return write_accumulators(ok, g, acc, **kw)
     from jax.sharding import PartitionSpec as P
 
     shape = tuple(g.shape)
 
-    def fn(ok, g, acc, a):
-        return write_accumulators(ok, g, acc, a, global_shape=shape, **kw)
+    def fn(ok, g, acc):
+        return write_accumulators(ok, g, acc, global_shape=shape, **kw)
 
     acc_specs, _ = _acc_specs(sh, shape, acc)
     return jax.shard_map(
         fn,
         mesh=sh.mesh,
-        in_specs=(P(), sh.spec(), acc_specs, _phase_a_specs(sh, shape, acc)),
+        in_specs=(P(), sh.spec(), acc_specs),
         out_specs=acc_specs,
         check_vma=False,
-    )(ok, g, acc, a)
+    )(ok, g, acc)
