@@ -318,7 +318,6 @@ def _apply_kernel(
     n_full: int,
     hidden: int,
     layers: int,
-    write_state: bool,
     decoupled_weight_decay: float,
 ):
     refs = list(refs)
@@ -328,12 +327,9 @@ def _apply_kernel(
     if factored:
         xf_ref, yf_ref, xt_ref, yt_ref = refs[:4]
         del refs[:4]
-    u_ref = refs.pop(0)
-    mo_ref = vo_ref = vdo_ref = None
-    if write_state:
-        mo_ref, vo_ref = refs[:2]
-        del refs[:2]
-        vdo_ref = None if factored else refs.pop(0)
+    u_ref, mo_ref, vo_ref = refs[:3]
+    del refs[:3]
+    vdo_ref = None if factored else refs.pop(0)
     (bad_ref,) = refs
     p = p_ref[...].astype(jnp.float32)
     g = jnp.clip(g_ref[...].astype(jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP)
@@ -388,17 +384,16 @@ def _apply_kernel(
         u = u - np.float32(decoupled_weight_decay) * p
     u = u.astype(u_ref.dtype)
     u_ref[...] = u
-    if write_state:
-        # The new accumulators where the commit flag is set, else the old
-        # ones again (the outputs alias the inputs).
-        (commit,) = take(1)
-        ok = commit != 0
+    # The new accumulators where the commit flag is set, else the old
+    # ones again (the outputs alias the inputs).
+    (commit,) = take(1)
+    ok = commit != 0
+    for k in range(3):
+        mo_ref[k] = jnp.where(ok, m_new[k].astype(mo_ref.dtype), m_ref[k])
+    vo_ref[...] = jnp.where(ok, v_new.astype(vo_ref.dtype), v_ref[...])
+    if vdo_ref is not None:
         for k in range(3):
-            mo_ref[k] = jnp.where(ok, m_new[k].astype(mo_ref.dtype), m_ref[k])
-        vo_ref[...] = jnp.where(ok, v_new.astype(vo_ref.dtype), v_ref[...])
-        if vdo_ref is not None:
-            for k in range(3):
-                vdo_ref[k] = jnp.where(ok, vd_new[k].astype(vdo_ref.dtype), vd_ref[k])
+            vdo_ref[k] = jnp.where(ok, vd_new[k].astype(vdo_ref.dtype), vd_ref[k])
     bad_ref[...] = jnp.broadcast_to(
         _sum(jnp.where(jnp.isfinite(u.astype(jnp.float32)), 0.0, 1.0)), bad_ref.shape
     )
@@ -681,18 +676,14 @@ def phase_c(
     *,
     interpret: bool = False,
     update_dtype: Any = jnp.float32,
-    write_state: bool = True,
     commit: Any = True,
     decoupled_weight_decay: float = 0.0,
     global_shape: tuple[int, ...] | None = None,
-) -> tuple[jax.Array, param_net.Accumulators | None, jax.Array]:
+) -> tuple[jax.Array, param_net.Accumulators, jax.Array]:
     """The update and the new accumulators of one tensor (phase C).
 
     Args:
-      write_state: False: only the update and its non-finite count (the
-        accumulators are then written by `write_accumulators`, once the step
-        is known to be finite).
-      commit: bool[] (write_state only): write the new accumulators in place
+      commit: bool[]: write the new accumulators in place
         where true, else write the old ones back (the step's commit is then
         left to `write_accumulators`).
       decoupled_weight_decay: `update -= decoupled_weight_decay * p` inside
@@ -700,8 +691,9 @@ def phase_c(
       global_shape: the unsharded shape (inside `shard_map`); default `p.shape`.
 
     Returns:
-      (update [*s] in update_dtype, new accumulators in the old ones' dtypes
-      or None, f32[] count of non-finite update elements).
+      (update [*s] in update_dtype, the accumulators as written (new where
+      `commit`) in the old ones' dtypes, f32[] count of non-finite update
+      elements).
     """
     shape = tuple(p.shape)
     global_shape = tuple(global_shape or shape)
@@ -722,8 +714,7 @@ def phase_c(
             w, b = w[:, :2], b[:2]
         weights += [w.reshape(-1), b.reshape(-1)]
     weights.append(jnp.reshape(scale, (1,)))
-    if write_state:
-        weights.append(jnp.reshape(commit, (1,)))
+    weights.append(jnp.reshape(commit, (1,)))
     flat = jnp.concatenate([jnp.asarray(x, jnp.float32) for x in weights])
 
     from jax.experimental.pallas import tpu as pltpu
@@ -733,14 +724,12 @@ def phase_c(
     m_v = _decayed_to_view(acc.m, lay)
     v_v = _rms_to_view(acc.v, lay)
     m_dt, v_dt = acc.m.dtype, acc.v.dtype
-    out_shape = [jax.ShapeDtypeStruct((lay.b, lay.x, lay.y), update_dtype)]
-    out_specs = [sp["full"]]
-    if write_state:
-        out_shape += [
-            jax.ShapeDtypeStruct(m_v.shape, m_dt),
-            jax.ShapeDtypeStruct(v_v.shape, v_dt),
-        ]
-        out_specs += [sp["dec"], sp["rms"]]
+    out_shape = [
+        jax.ShapeDtypeStruct((lay.b, lay.x, lay.y), update_dtype),
+        jax.ShapeDtypeStruct(m_v.shape, m_dt),
+        jax.ShapeDtypeStruct(v_v.shape, v_dt),
+    ]
+    out_specs = [sp["full"], sp["dec"], sp["rms"]]
     bad_shape = jax.ShapeDtypeStruct((lay.b, nb, 8, _LANES), jnp.float32)
     if lay.factored:
         # Row / column channels summed at their own size, per hidden unit.
@@ -779,14 +768,11 @@ def phase_c(
         aliases = {3: 1, 4: 2}
     else:
         vd_v = _decayed_to_view(acc.v_diag, lay)
-        if write_state:
-            out_shape.append(jax.ShapeDtypeStruct(vd_v.shape, acc.v_diag.dtype))
-            out_specs.append(sp["dec"])
+        out_shape.append(jax.ShapeDtypeStruct(vd_v.shape, acc.v_diag.dtype))
+        out_specs.append(sp["dec"])
         in_specs = [smem, sp["full"], sp["full"], sp["dec"], sp["rms"], sp["dec"]]
         args = (flat, p_v, g_v, m_v, v_v, vd_v)
         aliases = {3: 1, 4: 2, 5: 3}
-    if not write_state:
-        aliases = {}
     out_shape.append(bad_shape)
     out_specs.append(sp["sums"](8))
     outs = pl.pallas_call(
@@ -796,7 +782,6 @@ def phase_c(
             n_full=len(full),
             hidden=hidden,
             layers=layers,
-            write_state=write_state,
             decoupled_weight_decay=float(decoupled_weight_decay),
         ),
         out_shape=tuple(out_shape),
@@ -809,8 +794,6 @@ def phase_c(
     )(*args)
     update = _from_view(outs[0], lay)
     bad = jnp.sum(outs[-1][:, :, 0, 0])
-    if not write_state:
-        return update, None, bad
     m_new = _decayed_from_view(outs[1], lay)
     v_new = _rms_from_view(outs[2], lay)
     if lay.factored:
@@ -1002,12 +985,11 @@ def sharded_phase_c(
 
     acc_specs, rep = _acc_specs(sh, shape, acc)
     a_specs = _phase_a_specs(sh, shape, acc)
-    out_acc = acc_specs if kw.get("write_state", True) else None
     return jax.shard_map(
         fn,
         mesh=sh.mesh,
         in_specs=(P(), P(), P(), P(), sh.spec(), sh.spec(), acc_specs, a_specs),
-        out_specs=(sh.spec(), out_acc, rep),
+        out_specs=(sh.spec(), acc_specs, rep),
         check_vma=False,
     )(mlp, w0, scale, commit, p, g, acc, a)
 
