@@ -617,26 +617,18 @@ def phase_a(
         mean_sq[27 + k] = s2[3 + k] / n_global
         max_abs[11 + k] = s2_max[k]
         max_abs[27 + k] = s2_max[3 + k]
-    # The row/column channels: mean squares of the small vectors themselves
-    # (each shard holds its slice; psum over the axes that shard it).
-    for k in range(3):
-        r, c = v_row[..., k], v_col[..., k]
-        n_r = np.float32(math.prod(global_shape) / global_shape[d0])
-        n_c = np.float32(math.prod(global_shape) / global_shape[d1])
-        r_axes = tuple(a for a in all_axes if a != d0)
-        c_axes = tuple(a for a in all_axes if a != d1)
-        mean_sq[15 + k] = psum(jnp.sum(jnp.square(r)), r_axes) / n_r
-        mean_sq[18 + k] = psum(jnp.sum(jnp.square(c)), c_axes) / n_c
-        mean_sq[21 + k] = (
-            psum(jnp.sum(jnp.square(jax.lax.rsqrt(r + 1e-8))), r_axes) / n_r
-        )
-        mean_sq[24 + k] = (
-            psum(jnp.sum(jnp.square(jax.lax.rsqrt(c + 1e-8))), c_axes) / n_c
-        )
-        max_abs[15 + k] = pmax(jnp.max(jnp.abs(r)), r_axes)
-        max_abs[18 + k] = pmax(jnp.max(jnp.abs(c)), c_axes)
-        max_abs[21 + k] = pmax(jnp.max(jnp.abs(jax.lax.rsqrt(r + 1e-8))), r_axes)
-        max_abs[24 + k] = pmax(jnp.max(jnp.abs(jax.lax.rsqrt(c + 1e-8))), c_axes)
+    # The row/column channels: mean squares and maxima of the small vectors
+    # themselves, 6 channels per vector in one reduction (each shard holds
+    # its slice; psum / pmax over the axes that shard it).
+    for vec, axis, ids in ((v_row, d0, _ROW_CHANNELS), (v_col, d1, _COL_CHANNELS)):
+        chans = _vector_channels(vec)
+        n_vec = np.float32(math.prod(global_shape) / global_shape[axis])
+        axes = tuple(a for a in all_axes if a != axis)
+        lead = tuple(range(chans.ndim - 1))
+        sq = psum(jnp.sum(jnp.square(chans), axis=lead), axes) / n_vec
+        top = pmax(jnp.max(jnp.abs(chans), axis=lead), axes)
+        for k, c in enumerate(ids):
+            mean_sq[c], max_abs[c] = sq[k], top[k]
     return PhaseA(stats, jnp.stack(mean_sq), v_row, v_col, rf, cf, grad_bad,
                   jnp.stack(max_abs))  # fmt: skip
 
@@ -660,9 +652,16 @@ def _clip_log_abs(v):
     return jnp.clip(jnp.log(1e-8 + jnp.abs(v * 10.0)), -5, 5) * 0.5
 
 
-# Channels whose first-layer terms are per-row / per-column vectors.
+# Channels whose first-layer terms are per-row / per-column vectors, in the
+# order of `_vector_channels`.
 _ROW_CHANNELS = (15, 16, 17, 21, 22, 23)
 _COL_CHANNELS = (18, 19, 20, 24, 25, 26)
+
+
+def _vector_channels(vec: jax.Array) -> jax.Array:
+    """A factored accumulator [..., 3] -> its 6 channels [..., 6]: the 3
+    decays and `rsqrt(. + 1e-8)` of each (see `param_net.feature_channels`)."""
+    return jnp.concatenate([vec, jax.lax.rsqrt(vec + 1e-8)], axis=-1)
 
 
 def phase_c(
@@ -735,23 +734,15 @@ def phase_c(
         # Row / column channels summed at their own size, per hidden unit.
         d1, d0 = accumulators.factored_dims(global_shape)
         xfac, yfac = _factor_views(a.row_factor, a.col_factor, lay, d1)
-        chans_r = [a.v_row[..., k] for k in range(3)]
-        chans_r += [jax.lax.rsqrt(r + 1e-8) for r in chans_r]
-        chans_c = [a.v_col[..., k] for k in range(3)]
-        chans_c += [jax.lax.rsqrt(c + 1e-8) for c in chans_c]
 
-        def terms(chans, idx, axis):
-            out = []
-            for j in range(hidden):
-                total = None
-                for c, x in zip(idx, chans):
-                    t = x * w0[c, j]
-                    total = t if total is None else total + t
-                out.append(total)
-            return jnp.stack(out, axis=-1)  # [*s without axis, F]
+        def terms(vec, idx):
+            # [*s without an axis, 6] x [6, F] as elementwise f32 products
+            # and a sum (no matmul: its precision differs by backend).
+            w = w0[np.asarray(idx)]
+            return jnp.sum(_vector_channels(vec)[..., :, None] * w, axis=-2)
 
-        t_row = jnp.expand_dims(terms(chans_r, _ROW_CHANNELS, d0), d0)
-        t_col = jnp.expand_dims(terms(chans_c, _COL_CHANNELS, d1), d1)
+        t_row = jnp.expand_dims(terms(a.v_row, _ROW_CHANNELS), d0)
+        t_col = jnp.expand_dims(terms(a.v_col, _COL_CHANNELS), d1)
         x_axis = lay.perm[-2]
 
         def term_view(t, on_x):
