@@ -950,27 +950,28 @@ def _velo_step_pallas(
         # back and `write_accumulators` commits them once the updates are
         # known to be finite.
         fast = [jnp.isfinite(loss), ~jnp.any(jnp.stack(bad)) if bad else True]
-        for i in range(n):
-            if use[i]:
-                mlp = {k: w[i] for k, w in mlps.items()}
-                bound = param_net.update_bound(
-                    mlp, w0[i], scale[i], aux[i].max_abs, wd
-                )
-                fast += [
-                    aux[i].grad_nonfinite == 0,
-                    bound < _commit_limit(dtypes[i]),
-                ]
+        kernel = np.asarray([i for i in range(n) if use[i]], int)
+        if kernel.size:
+            # All kernel tensors' bounds at once (one computation per step).
+            bounds = jax.vmap(param_net.update_bound, in_axes=(0, 0, 0, 0, None))(
+                {k: w[kernel] for k, w in mlps.items()}, w0[kernel], scale[kernel],
+                jnp.stack([aux[i].max_abs for i in kernel]), wd,
+            )  # fmt: skip
+            limits = np.asarray([_commit_limit(dtypes[i]) for i in kernel], np.float32)
+            grad_bad = jnp.stack([aux[i].grad_nonfinite for i in kernel])
+            fast += [jnp.all(bounds < limits), jnp.all(grad_bad == 0)]
         commit = jnp.all(jnp.stack([jnp.asarray(x) for x in fast]))
         if not fast_commit:
             commit = jnp.zeros((), bool)
+    packed = velo_pallas.pack_weights(mlps, w0, scale, commit)
+    hidden, layers = w0.shape[-1], param_net.num_hidden_layers(mlps)
     for i in range(n):
         if not use[i]:
             continue
-        mlp = {k: w[i] for k, w in mlps.items()}
         update, acc, upd_bad = velo_pallas.sharded_phase_c(
-            mlp, w0[i], scale[i], raw_p[i], raw_g[i], lifted[i], aux[i], tsh[i],
-            interpret=interpret, update_dtype=dtypes[i], commit=commit,
-            decoupled_weight_decay=wd,
+            packed[i], w0[i], raw_p[i], raw_g[i], lifted[i], aux[i], tsh[i],
+            interpret=interpret, update_dtype=dtypes[i], hidden=hidden,
+            layers=layers, decoupled_weight_decay=wd,
         )  # fmt: skip
         if skip_nonfinite:  # m, v (and the diagonal); the vectors below.
             acc = acc._replace(v_row=lifted[i].v_row, v_col=lifted[i].v_col)

@@ -342,8 +342,8 @@ def _apply_kernel(
             ch[27 + k] = m_new[k] * factor
     full = sorted(ch)
     assert len(full) == n_full
-    # Scalars (SMEM): w0 rows of the full-size channels [n_full, F], b0 [F],
-    # then per hidden layer w [F, F'] and b [F'], then the step scale.
+    # Scalars (SMEM, `pack_weights`): w0 [30, F], b0 [F], then per hidden
+    # layer w [F, F'] and b [F'], then the step scale and the commit flag.
     off = 0
 
     def take(n):
@@ -352,13 +352,13 @@ def _apply_kernel(
         off += n
         return vals
 
-    w0 = take(n_full * hidden)
+    w0 = take(param_net.NUM_PARAM_FEATURES * hidden)
     b0 = take(hidden)
     h = []
     for j in range(hidden):
         total = None
-        for i, c in enumerate(full):
-            term = ch[c] * w0[i * hidden + j]
+        for c in full:
+            term = ch[c] * w0[c * hidden + j]
             total = term if total is None else total + term
         if factored:
             total = total + (xt_ref[j] + yt_ref[j])
@@ -664,10 +664,32 @@ def _vector_channels(vec: jax.Array) -> jax.Array:
     return jnp.concatenate([vec, jax.lax.rsqrt(vec + 1e-8)], axis=-1)
 
 
+def pack_weights(
+    mlps: Mapping[str, jax.Array], w0: jax.Array, scale: jax.Array, commit: Any
+) -> jax.Array:
+    """f32[n, L], per tensor the apply kernel's scalars (SMEM): w0 [30, F]
+    (normalisers folded in), b0 [F], per hidden layer w [F, F'] and b [F']
+    (the last layer's first 2 outputs), the step scale and the commit flag.
+    Built for all tensors at once (`mix_bank`'s rows, `first_layer`,
+    `step_scale`), so the step has one such computation, not one per tensor.
+    """
+    n = w0.shape[0]
+    layers = param_net.num_hidden_layers(mlps)
+    parts = [w0, mlps["b0"]]
+    for layer in range(1, layers + 1):
+        w, b = mlps[f"w{layer}"], mlps[f"b{layer}"]
+        if layer == layers:
+            w, b = w[..., :2], b[..., :2]
+        parts += [w, b]
+    parts += [scale, jnp.broadcast_to(jnp.asarray(commit, jnp.float32), (n,))]
+    return jnp.concatenate(
+        [jnp.asarray(x, jnp.float32).reshape(n, -1) for x in parts], axis=1
+    )
+
+
 def phase_c(
-    mlp: Mapping[str, jax.Array],
+    weights: jax.Array,
     w0: jax.Array,
-    scale: jax.Array,
     p: jax.Array,
     g: jax.Array,
     acc: param_net.Accumulators,
@@ -675,16 +697,21 @@ def phase_c(
     *,
     interpret: bool = False,
     update_dtype: Any = jnp.float32,
-    commit: Any = True,
+    hidden: int,
+    layers: int,
     decoupled_weight_decay: float = 0.0,
     global_shape: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, param_net.Accumulators, jax.Array]:
     """The update and the new accumulators of one tensor (phase C).
 
     Args:
-      commit: bool[]: write the new accumulators in place
-        where true, else write the old ones back (the step's commit is then
-        left to `write_accumulators`).
+      weights: f32[L], this tensor's row of `pack_weights`. Its commit flag
+        set: the new accumulators are written in place, else the old ones
+        again (the step's commit is then left to `write_accumulators`).
+      w0: f32[30, F], this tensor's row of `param_net.first_layer` (for the
+        row/column channels' terms, summed here at their own size).
+      hidden, layers: the MLP's hidden width F and its number of hidden
+        layers.
       decoupled_weight_decay: `update -= decoupled_weight_decay * p` inside
         the kernel, before the cast to `update_dtype` and the finite count.
       global_shape: the unsharded shape (inside `shard_map`); default `p.shape`.
@@ -700,21 +727,11 @@ def phase_c(
     nb = lay.x // lay.bx
     grid = (lay.b, nb)
     sp = _specs(lay)
-    hidden = w0.shape[1]
-    layers = param_net.num_hidden_layers(mlp)
     if lay.factored:
         full = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 27, 28, 29]
     else:
         full = list(range(30))
-    weights = [w0[jnp.asarray(full)].reshape(-1), mlp["b0"].reshape(-1)]
-    for layer in range(1, layers + 1):
-        w, b = mlp[f"w{layer}"], mlp[f"b{layer}"]
-        if layer == layers:
-            w, b = w[:, :2], b[:2]
-        weights += [w.reshape(-1), b.reshape(-1)]
-    weights.append(jnp.reshape(scale, (1,)))
-    weights.append(jnp.reshape(commit, (1,)))
-    flat = jnp.concatenate([jnp.asarray(x, jnp.float32) for x in weights])
+    flat = weights
 
     from jax.experimental.pallas import tpu as pltpu
 
@@ -955,23 +972,17 @@ def sharded_phase_a(p, g, acc, sh: TensorSharding | None, *, interpret=False) ->
     )(p, g, acc)
 
 
-def sharded_phase_c(
-    mlp, w0, scale, p, g, acc, a: PhaseA, sh: TensorSharding | None, **kw
-):
+def sharded_phase_c(weights, w0, p, g, acc, a: PhaseA, sh: TensorSharding | None, **kw):
     """`phase_c`, inside `shard_map` when `sh` is given; the non-finite
     count is summed over the devices."""
     if sh is None:
-        return phase_c(mlp, w0, scale, p, g, acc, a, **kw)
+        return phase_c(weights, w0, p, g, acc, a, **kw)
     from jax.sharding import PartitionSpec as P
 
     shape = tuple(p.shape)
 
-    commit = jnp.asarray(kw.pop("commit", True))
-
-    def fn(mlp, w0, scale, commit, p, g, acc, a):
-        update, new, bad = phase_c(
-            mlp, w0, scale, p, g, acc, a, commit=commit, global_shape=shape, **kw
-        )
+    def fn(weights, w0, p, g, acc, a):
+        update, new, bad = phase_c(weights, w0, p, g, acc, a, global_shape=shape, **kw)
         return update, new, sh.psum(bad, tuple(range(len(shape))))
 
     acc_specs, rep = _acc_specs(sh, shape, acc)
@@ -979,10 +990,10 @@ def sharded_phase_c(
     return jax.shard_map(
         fn,
         mesh=sh.mesh,
-        in_specs=(P(), P(), P(), P(), sh.spec(), sh.spec(), acc_specs, a_specs),
+        in_specs=(P(), P(), sh.spec(), sh.spec(), acc_specs, a_specs),
         out_specs=(sh.spec(), acc_specs, rep),
         check_vma=False,
-    )(mlp, w0, scale, commit, p, g, acc, a)
+    )(weights, w0, p, g, acc, a)
 
 
 def sharded_write_accumulators(ok, g, acc, sh: TensorSharding | None, **kw):
