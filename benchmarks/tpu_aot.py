@@ -421,6 +421,11 @@ def _hbm_bytes(text: str) -> int:
     return total
 
 
+# `velo_pallas.LATE_COMMIT_SCOPE` (not imported: this module loads without
+# velo_scale's kernels).
+LATE_COMMIT_SCOPE = "velo_late_commit"
+
+
 def hbm_traffic(
     hlo: str,
     parsed: tuple[list[tuple], dict[str, str]] | None = None,
@@ -435,9 +440,12 @@ def hbm_traffic(
     start, the destination at its done). Unlike `cost_analysis()`'s
     'bytes accessed', this neither counts the VMEM side of the staging copies
     nor is blind to Pallas custom calls; applied alike to both optimizers.
-    A `conditional` counts one branch, the same way: `conditional="min"` the
-    cheapest (VeLO's Pallas step: the usual step, whose late commit is not
-    taken), `"max"` the dearest (the worst step).
+    Data-dependent work counts as the usual step (`conditional="min"`) or
+    the worst one (`"max"`): a `conditional` as its cheapest or dearest
+    branch, and VeLO's Pallas late-commit kernel (found by its named scope,
+    `velo_pallas.LATE_COMMIT_SCOPE`), which copies its blocks in and out by
+    hand only when its flag is set (the fast commit not taken, the step
+    finite), as nothing or as its operands and results.
     `parsed`: `_instructions(hlo)`, when the caller has it already.
     """
     entry = re.search(r"^ENTRY\s+%?([\w.\-]+)", hlo, re.M)
@@ -461,6 +469,9 @@ def hbm_traffic(
                 names += re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", attrs)
                 total += pick(traffic(n) for n in names) if names else 0
                 continue
+            if opcode == "custom-call" and LATE_COMMIT_SCOPE in attrs:
+                if conditional == "min":
+                    continue
             if opcode.endswith("-done"):
                 total += _hbm_bytes(rtype)
                 continue

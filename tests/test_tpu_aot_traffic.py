@@ -46,6 +46,27 @@ ENTRY %main (x: f32[256], y: f32[256], v: f32[256], c: pred[]) -> (f32[256]) {
 """
 
 
+LATE = """HloModule late
+
+ENTRY %main (m: f32[256], g: f32[256], ok: s32[1]) -> f32[256] {
+  %m = f32[256] parameter(0)
+  %g = f32[256] parameter(1)
+  %ok = s32[1]{0:S(2)} parameter(2)
+  %u = f32[256] negate(%g)
+  ROOT %c = f32[256] custom-call(%ok, %g, %m), custom_call_target="tpu_custom_call", output_to_operand_aliasing={{}: (2, {})}, metadata={op_name="jit(step)/velo_late_commit/pallas_call"}
+}
+"""
+
+
+def test_late_commit_kernel_counts_only_in_the_worst_step(tpu_aot):
+    """The late-commit kernel moves data only when its flag is set: nothing
+    in the usual step, its operands and result in the worst one."""
+    kib = 1024
+    assert tpu_aot.hbm_traffic(LATE) == 2 * kib  # the negate
+    # (the flag is in SMEM, S(2): not counted)
+    assert tpu_aot.hbm_traffic(LATE, conditional="max") == 2 * kib + 3 * kib
+
+
 def test_hbm_traffic_counts_hbm_operands_and_one_branch(tpu_aot):
     kib = 1024  # one f32[256]
     # multiply: x, y, result; add: m and its result (v is in VMEM, S(1));

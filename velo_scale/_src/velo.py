@@ -859,8 +859,8 @@ def _velo_step_pallas(
     range (the usual step: the update is then provably finite), phase C
     writes the new accumulators in place: three passes. Otherwise phase C
     writes the old ones back and, only if the updates then turn out finite,
-    a last kernel per tensor (`write_accumulators`, under a `lax.cond`)
-    writes the new ones. The returned updates are final (zero on a skipped
+    a last kernel per tensor (`write_accumulators`, which moves no data
+    otherwise) writes the new ones. The returned updates are final (zero on a skipped
     step) and `state.nonfinite_steps` is counted. `fast_commit=False` (for
     tests) always takes the second way.
     """
@@ -984,22 +984,13 @@ def _velo_step_pallas(
         finite = jnp.isfinite(loss) & ~jnp.any(jnp.stack(bad))
         kernel = [i for i in range(n) if use[i]]
 
-        def late_commit(accs):
-            return [
-                velo_pallas.sharded_write_accumulators(
-                    jnp.ones((), bool), raw_g[i], a, tsh[i], interpret=interpret
-                )
-                for i, a in zip(kernel, accs)
-            ]
-
-        if kernel:
-            # Only m, v (and the diagonal) pass through the cond.
-            accs = jax.lax.cond(
-                finite & ~commit, late_commit, lambda accs: accs,
-                [new[i] for i in kernel],
-            )  # fmt: skip
-            for i, a in zip(kernel, accs):
-                new[i] = a
+        # Needed only when the fast commit was not taken and the step is
+        # finite; otherwise these kernels move no data.
+        late = finite & ~commit
+        for i in kernel:
+            new[i] = velo_pallas.sharded_write_accumulators(
+                late, raw_g[i], new[i], tsh[i], interpret=interpret
+            )
         for i in range(n):
             if use[i]:
                 a = aux[i]
