@@ -860,9 +860,9 @@ def _velo_step_pallas(
     writes the new accumulators in place: three passes. Otherwise phase C
     writes the old ones back and, only if the updates then turn out finite,
     a last kernel per tensor (`write_accumulators`, which moves no data
-    otherwise) writes the new ones. The returned updates are final (zero on a skipped
-    step) and `state.nonfinite_steps` is counted. `fast_commit=False` (for
-    tests) always takes the second way.
+    otherwise) writes the new ones. The returned updates are final (zero on
+    a skipped step) and `state.nonfinite_steps` is counted.
+    `fast_commit=False` (for tests) always takes the second way.
     """
     from velo_scale._src.kernels import velo_pallas
 
@@ -924,6 +924,7 @@ def _velo_step_pallas(
         _dtype(all_p[active[i]]) if skip_nonfinite else jnp.float32 for i in range(n)
     ]
     wd = decoupled_weight_decay if skip_nonfinite else 0.0
+    kernel = [i for i in range(n) if use[i]]  # the tensors the kernels take
     # The XLA-path tensors first: with the skip, their updates' finiteness
     # is part of the fast commit's condition.
     for i in range(n):
@@ -950,11 +951,11 @@ def _velo_step_pallas(
         # back and `write_accumulators` commits them once the updates are
         # known to be finite.
         fast = [jnp.isfinite(loss), ~jnp.any(jnp.stack(bad)) if bad else True]
-        kernel = np.asarray([i for i in range(n) if use[i]], int)
-        if kernel.size:
+        if kernel:
             # All kernel tensors' bounds at once (one computation per step).
+            rows = np.asarray(kernel)
             bounds = jax.vmap(param_net.update_bound, in_axes=(0, 0, 0, 0, None))(
-                {k: w[kernel] for k, w in mlps.items()}, w0[kernel], scale[kernel],
+                {k: w[rows] for k, w in mlps.items()}, w0[rows], scale[rows],
                 jnp.stack([aux[i].max_abs for i in kernel]), wd,
             )  # fmt: skip
             limits = np.asarray([_commit_limit(dtypes[i]) for i in kernel], np.float32)
@@ -965,9 +966,7 @@ def _velo_step_pallas(
             commit = jnp.zeros((), bool)
     packed = velo_pallas.pack_weights(mlps, w0, scale, commit)
     hidden, layers = w0.shape[-1], param_net.num_hidden_layers(mlps)
-    for i in range(n):
-        if not use[i]:
-            continue
+    for i in kernel:
         update, acc, upd_bad = velo_pallas.sharded_phase_c(
             packed[i], w0[i], raw_p[i], raw_g[i], lifted[i], aux[i], tsh[i],
             interpret=interpret, update_dtype=dtypes[i], hidden=hidden,
@@ -982,8 +981,6 @@ def _velo_step_pallas(
     finite = None
     if skip_nonfinite:
         finite = jnp.isfinite(loss) & ~jnp.any(jnp.stack(bad))
-        kernel = [i for i in range(n) if use[i]]
-
         # Needed only when the fast commit was not taken and the step is
         # finite; otherwise these kernels move no data.
         late = finite & ~commit
@@ -1006,9 +1003,8 @@ def _velo_step_pallas(
                     )
                 )
             updates[i] = jnp.where(finite, updates[i], jnp.zeros_like(updates[i]))
-    for i in range(n):
-        if use[i]:
-            new[i] = _lower_accumulators(new[i], shapes[i] == (), old[i])
+    for i in kernel:
+        new[i] = _lower_accumulators(new[i], shapes[i] == (), old[i])
 
     full_updates, (new_m, new_v, new_row, new_col, new_diag) = _scatter(
         treedef, all_p, active, state_leaves, updates, new

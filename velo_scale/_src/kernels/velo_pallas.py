@@ -450,8 +450,6 @@ def _specs(lay: Layout):
 
 
 def _compiler_params(n_axes: int = 2):
-    from jax.experimental.pallas import tpu as pltpu
-
     cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
     return cls(
         dimension_semantics=("parallel",) * n_axes, vmem_limit_bytes=_VMEM_LIMIT_BYTES
@@ -749,8 +747,6 @@ def phase_c(
     else:
         full = list(range(30))
     flat = weights
-
-    from jax.experimental.pallas import tpu as pltpu
 
     smem = pl.BlockSpec(memory_space=pltpu.SMEM)
     p_v, g_v = _to_view(p, lay), _to_view(g, lay)
