@@ -149,6 +149,36 @@ def test_pallas_matches_xla_and_skips_a_nonfinite_step(theta):
         )
 
 
+# Like tensors (one shape and dtype) share one group's combination code.
+GROUPED = {
+    "wide": (12, 40),
+    "wide_b": (12, 40),
+    "bias": (40,),
+    "long": (40_000,),  # too long for a block: the XLA path, between groups
+    "bias_b": (40,),
+    "cube": (3, 5, 7),
+    "cube_b": (3, 5, 7),
+    "cube_c": (3, 5, 7),
+}
+
+
+def test_pallas_groups_like_tensors(theta):
+    """Tensors of one shape run as a group (their small arrays stacked and
+    combined once); each still gets its own statistics, LSTM row and update,
+    and a NaN in one tensor of a group skips the whole step."""
+    assert not velo_pallas.supported(GROUPED["long"])
+    bad = _tree(2, 0.1, GROUPED)
+    bad["cube_b"] = bad["cube_b"].at[2, 4, 6].set(jnp.nan)
+    grads = [_tree(1, 0.1, GROUPED), bad, _tree(3, 0.1, GROUPED)]
+    ref = _run(theta, "xla", 3, grads, shapes=GROUPED)
+    got = _run(theta, "pallas", 3, grads, shapes=GROUPED)
+    _compare(ref, got)
+    assert [int(s.nonfinite_steps) for _, s, _ in got] == [0, 1, 1]
+    # Like tensors with different data get different updates.
+    u = got[2][0]
+    assert not np.allclose(np.asarray(u["cube"]), np.asarray(u["cube_b"]))
+
+
 def test_pallas_matches_xla_without_skip_and_with_decay(theta):
     """skip_nonfinite=False: the update kernel also writes the accumulators
     (a factored 2-D tensor, a vector)."""
@@ -237,7 +267,7 @@ def test_update_bound_bounds_the_update(theta, tail):
     mean_sq = param_net.channel_mean_squares(p, g, new)[None]
     stats = tensor_net.tensor_statistics(p, acc.m, acc.v)
     b = velo_lib._phase_b(
-        theta_arrays(theta), state, [stats], [mean_sq[0]], [shape],
+        theta_arrays(theta), state, stats[None], mean_sq, [shape],
         jnp.float32(0.3), jnp.zeros((9,), jnp.float32),
     )  # fmt: skip
     mlp = {k: w[0] for k, w in b.mlps.items()}

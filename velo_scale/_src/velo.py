@@ -331,7 +331,9 @@ def velo_step(
 
     # Phase B, batched over tensors: the per-tensor LSTM, the MLP bank mix and
     # every per-tensor scalar of the per-parameter MLP.
-    b = _phase_b(theta, state, stats, mean_sq, shapes, fraction, loss_feats)
+    b = _phase_b(
+        theta, state, jnp.stack(stats), jnp.stack(mean_sq), shapes, fraction, loss_feats
+    )
     mlps, w0, scale = b.mlps, b.w0, b.scale
 
     # Phase C, per group (vmapped): one elementwise pass of the MLP.
@@ -397,23 +399,23 @@ class _PhaseB(NamedTuple):
 def _phase_b(
     theta: Mapping[str, Any],
     state: VeLOState,
-    stats: list[jax.Array],
-    mean_sq: list[jax.Array],
+    stats: jax.Array,
+    mean_sq: jax.Array,
     shapes: list[tuple[int, ...]],
     fraction: jax.Array,
     loss_feats: jax.Array,
 ) -> _PhaseB:
     """Phase B, batched over tensors: the per-tensor LSTM, the MLP bank mix and
-    every per-tensor scalar of the per-parameter MLP."""
+    every per-tensor scalar of the per-parameter MLP, from the tensors'
+    statistics f32[n, 7] and channel mean squares f32[n, 30]."""
     ranks = np.stack([tensor_net.rank_one_hot(s) for s in shapes])
     features = tensor_net.assemble_features(
-        jnp.stack(stats), ranks, fraction, loss_feats
+        stats, ranks, fraction, loss_feats
     )
     controls, lr_mult, hidden, cell = tensor_net.apply(
         theta["rnn_params"], features, state.lstm_hidden, state.lstm_cell
     )
     mlps = param_net.mix_bank(theta["ff_mod_stack"]["~"], controls)
-    mean_sq = jnp.stack(mean_sq)
     w0 = param_net.first_layer(mlps, mean_sq)
     scale = param_net.step_scale(lr_mult, mean_sq)
     return _PhaseB(features, controls, lr_mult, hidden, cell, mlps, w0, scale)
@@ -900,14 +902,33 @@ def _velo_step_pallas(
     fraction = state.iteration / jnp.asarray(state.num_steps, jnp.float32)
     n = len(shapes)
 
-    stats, mean_sq, new, aux = [None] * n, [None] * n, [None] * n, [None] * n
+    dtypes = [
+        _dtype(all_p[active[i]]) if skip_nonfinite else jnp.float32 for i in range(n)
+    ]
+    # The tensors the kernels take, in groups of one shape, sharding and
+    # dtypes: each group's small arrays are combined once (vmapped), so a
+    # deeper model adds kernel calls but few XLA ops (the compile time).
+    by_key: dict[Any, list[int]] = {}
     for i in range(n):
         if use[i]:
-            a = velo_pallas.sharded_phase_a(
-                raw_p[i], raw_g[i], lifted[i], tsh[i], interpret=interpret
-            )
-            stats[i], mean_sq[i], aux[i] = a.stats, a.mean_sq, a
-            continue
+            acc_dtypes = tuple(None if a is None else _dtype(a) for a in lifted[i])
+            key = (lift[i], tsh[i], _dtype(raw_p[i]), _dtype(raw_g[i]), acc_dtypes,
+                   np.dtype(dtypes[i]))  # fmt: skip
+            by_key.setdefault(key, []).append(i)
+    groups = list(by_key.values())
+    kernel = [i for idx in groups for i in idx]  # the kernel tensors, by group
+    where = {i: (gi, k) for gi, idx in enumerate(groups) for k, i in enumerate(idx)}
+    xla_path = [i for i in range(n) if not use[i]]
+
+    stats, mean_sq, new = [None] * n, [None] * n, [None] * n
+    aux = [
+        velo_pallas.sharded_phase_a(
+            [raw_p[i] for i in idx], [raw_g[i] for i in idx],
+            [lifted[i] for i in idx], tsh[idx[0]], interpret=interpret,
+        )  # fmt: skip
+        for idx in groups
+    ]  # stacked per group
+    for i in xla_path:
         p = raw_p[i].astype(jnp.float32)
         g = jnp.clip(raw_g[i].astype(jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP)
         acc = _lift_accumulators(old[i], shapes[i] == ())
@@ -915,21 +936,30 @@ def _velo_step_pallas(
         new[i] = param_net.update_accumulators(g, acc)
         mean_sq[i] = param_net.channel_mean_squares(p, g, new[i])
 
-    b = _phase_b(theta, state, stats, mean_sq, shapes, fraction, loss_feats)
+    def in_tensor_order(field, xla_rows):
+        # The groups' stacked rows, then the XLA-path tensors', in the
+        # tensors' order (one gather).
+        parts = [getattr(a, field) for a in aux]
+        if xla_path:
+            parts.append(jnp.stack(xla_rows))
+        rows = jnp.concatenate(parts)
+        order = np.argsort(np.asarray(kernel + xla_path))
+        return rows if (order == np.arange(n)).all() else rows[order]
+
+    b = _phase_b(
+        theta, state,
+        in_tensor_order("stats", [stats[i] for i in xla_path]),
+        in_tensor_order("mean_sq", [mean_sq[i] for i in xla_path]),
+        shapes, fraction, loss_feats,
+    )  # fmt: skip
     mlps, w0, scale = b.mlps, b.w0, b.scale
 
     updates = [None] * n
     bad = []  # non-finite flags (bool[])
-    dtypes = [
-        _dtype(all_p[active[i]]) if skip_nonfinite else jnp.float32 for i in range(n)
-    ]
     wd = decoupled_weight_decay if skip_nonfinite else 0.0
-    kernel = [i for i in range(n) if use[i]]  # the tensors the kernels take
     # The XLA-path tensors first: with the skip, their updates' finiteness
     # is part of the fast commit's condition.
-    for i in range(n):
-        if use[i]:
-            continue
+    for i in xla_path:
         mlp = {k: w[i] for k, w in mlps.items()}
         p = raw_p[i].astype(jnp.float32)
         g = jnp.clip(raw_g[i].astype(jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP)
@@ -956,27 +986,30 @@ def _velo_step_pallas(
             rows = np.asarray(kernel)
             bounds = jax.vmap(param_net.update_bound, in_axes=(0, 0, 0, 0, None))(
                 {k: w[rows] for k, w in mlps.items()}, w0[rows], scale[rows],
-                jnp.stack([aux[i].max_abs for i in kernel]), wd,
+                jnp.concatenate([a.max_abs for a in aux]), wd,
             )  # fmt: skip
             limits = np.asarray([_commit_limit(dtypes[i]) for i in kernel], np.float32)
-            grad_bad = jnp.stack([aux[i].grad_nonfinite for i in kernel])
+            grad_bad = jnp.concatenate([a.grad_nonfinite for a in aux])
             fast += [jnp.all(bounds < limits), jnp.all(grad_bad == 0)]
         commit = jnp.all(jnp.stack([jnp.asarray(x) for x in fast]))
         if not fast_commit:
             commit = jnp.zeros((), bool)
     packed = velo_pallas.pack_weights(mlps, w0, scale, commit)
     hidden, layers = w0.shape[-1], param_net.num_hidden_layers(mlps)
-    for i in kernel:
-        update, acc, upd_bad = velo_pallas.sharded_phase_c(
-            packed[i], w0[i], raw_p[i], raw_g[i], lifted[i], aux[i], tsh[i],
-            interpret=interpret, update_dtype=dtypes[i], hidden=hidden,
+    for idx, a in zip(groups, aux):
+        rows = np.asarray(idx)
+        got, accs, upd_bad = velo_pallas.sharded_phase_c(
+            packed[rows], w0[rows], [raw_p[i] for i in idx], [raw_g[i] for i in idx],
+            [lifted[i] for i in idx], a, tsh[idx[0]],
+            interpret=interpret, update_dtype=dtypes[idx[0]], hidden=hidden,
             layers=layers, decoupled_weight_decay=wd,
         )  # fmt: skip
-        if skip_nonfinite:  # m, v (and the diagonal); the vectors below.
-            acc = acc._replace(v_row=lifted[i].v_row, v_col=lifted[i].v_col)
-        new[i] = acc
-        bad += [aux[i].grad_nonfinite > 0, upd_bad > 0]
-        updates[i] = update.reshape(shapes[i])
+        for i, update, acc in zip(idx, got, accs):
+            if skip_nonfinite:  # m, v (and the diagonal); the vectors below.
+                acc = acc._replace(v_row=lifted[i].v_row, v_col=lifted[i].v_col)
+            new[i] = acc
+            updates[i] = update.reshape(shapes[i])
+        bad += [jnp.any(a.grad_nonfinite > 0), jnp.any(upd_bad > 0)]
 
     finite = None
     if skip_nonfinite:
@@ -990,10 +1023,11 @@ def _velo_step_pallas(
             )
         for i in range(n):
             if use[i]:
-                a = aux[i]
+                gi, k = where[i]
+                a = aux[gi]
                 new[i] = new[i]._replace(
-                    v_row=_where_or_none(finite, a.v_row, old[i].v_row),
-                    v_col=_where_or_none(finite, a.v_col, old[i].v_col),
+                    v_row=_where_or_none(finite, _row(a.v_row, k), old[i].v_row),
+                    v_col=_where_or_none(finite, _row(a.v_col, k), old[i].v_col),
                 )
             else:
                 new[i] = param_net.Accumulators(
@@ -1037,6 +1071,11 @@ def _commit_limit(dtype) -> float:
     dtype's largest value with a 16x margin (for the rounding of the bound
     and of the cast)."""
     return float(jnp.finfo(dtype).max) / 16
+
+
+def _row(stacked, k):
+    """Row k of a group's stacked array (None passes through)."""
+    return None if stacked is None else stacked[k]
 
 
 def _where_or_none(cond, a, b):

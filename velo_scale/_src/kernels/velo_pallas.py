@@ -478,40 +478,53 @@ def _identity_psum(x, _axes):
 _identity_pmax = _identity_psum
 
 
+def _stack(xs):
+    """The group's per-tensor arrays stacked on a new leading axis (None
+    passes through)."""
+    return None if xs[0] is None else jnp.stack(xs)
+
+
 def phase_a(
-    p: jax.Array,
-    g: jax.Array,
-    acc: param_net.Accumulators,
+    ps: list[jax.Array],
+    gs: list[jax.Array],
+    accs: list[param_net.Accumulators],
     *,
     interpret: bool = False,
     psum=None,
     pmax=None,
     global_shape: tuple[int, ...] | None = None,
 ) -> PhaseA:
-    """Statistics, channel mean squares and factored accumulators of a tensor.
+    """Statistics, channel mean squares and factored accumulators of a group
+    of tensors of one shape (and dtypes).
+
+    The kernels run per tensor; the small arrays between and after them are
+    stacked and combined once for the group (vmapped), so a deeper model
+    adds kernel calls (each the same Mosaic kernel) but no XLA ops of its own.
 
     Args:
-      p, g: the (lifted, rank >= 1) parameter and raw gradient, any float
-        dtype (g is clipped inside, as `velo_step` clips it).
-      acc: the previous accumulators (lifted).
+      ps, gs: the K (lifted, rank >= 1) parameters and raw gradients, any
+        float dtype (g is clipped inside, as `velo_step` clips it).
+      accs: their previous accumulators (lifted).
       interpret: run the kernels in Pallas' interpreter (any backend).
       psum: `psum(x, tensor_axes)` sums over the mesh axes that shard the given
         tensor axes (inside `shard_map`); None on one device.
       pmax: likewise, the maximum over those mesh axes.
-      global_shape: the unsharded shape (for the means); default `p.shape`.
+      global_shape: the unsharded shape (for the means); default the shape.
+
+    Returns:
+      `PhaseA`, every field with a leading axis of size K.
     """
     psum = psum or _identity_psum
     pmax = pmax or _identity_pmax
-    shape = tuple(p.shape)
+    shape = tuple(ps[0].shape)
     global_shape = tuple(global_shape or shape)
     lay = layout(shape, global_shape)
     n_global = np.float32(math.prod(global_shape))
     nb = lay.x // lay.bx
     grid = (lay.b, nb)
     sp = _specs(lay)
-    p_v, g_v = _to_view(p, lay), _to_view(g, lay)
-    m_v = _decayed_to_view(acc.m, lay)
-    v_v = _rms_to_view(acc.v, lay)
+    g_v = [_to_view(g, lay) for g in gs]
+    m_v = [_decayed_to_view(acc.m, lay) for acc in accs]
     all_axes = tuple(range(len(shape)))
     sums_shape = jax.ShapeDtypeStruct((lay.b, nb, _SUMS_ROWS, _LANES), jnp.float32)
     if lay.factored:
@@ -526,13 +539,11 @@ def phase_a(
             pl.BlockSpec((None, lay.bx, 1), lambda b, i: (b, i, 0)),
             pl.BlockSpec((None, None, 1, lay.y), lambda b, i: (b, i, 0, 0)),
         )
-        args = (p_v, g_v, m_v, v_v)
     else:
         in_specs = [sp["full"], sp["full"], sp["dec"], sp["rms"], sp["dec"]]
         out_shape = (sums_shape,)
         out_specs = (sp["sums"](_SUMS_ROWS),)
-        args = (p_v, g_v, m_v, v_v, _decayed_to_view(acc.v_diag, lay))
-    outs = pl.pallas_call(
+    reduce = pl.pallas_call(
         functools.partial(_reduce_kernel, factored=lay.factored),
         out_shape=out_shape,
         grid=grid,
@@ -540,82 +551,96 @@ def phase_a(
         out_specs=out_specs,
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(),
-    )(*args)
-    blocks = outs[0][:, :, 0, :].reshape(lay.b * nb, _LANES)
-
-    # Previous-state statistics: Chan's combination of equal-size blocks
-    # (then over devices: local sums of n_b * mean and of M2 + n_b * mean**2
-    # deviations need the global mean first, so combine in two psums).
-    n_b = np.float32(lay.bx * lay.y)
-    means = blocks[:, 0:8:2]  # [nblk, 4] m0, m1, m2, v
-    m2s = blocks[:, 1:8:2]
-    mean = psum(jnp.sum(means, axis=0) * n_b, all_axes) / n_global
-    m2 = psum(
-        jnp.sum(m2s, axis=0) + n_b * jnp.sum(jnp.square(means - mean), axis=0),
-        all_axes,
     )
+    outs = []
+    for p, g, m, acc in zip(ps, g_v, m_v, accs):
+        args = [_to_view(p, lay), g, m, _rms_to_view(acc.v, lay)]
+        if not lay.factored:
+            args.append(_decayed_to_view(acc.v_diag, lay))
+        outs.append(reduce(*args))
+    outs = [_stack(list(o)) for o in zip(*outs)]  # [K, ...] each
+    v_rows = _stack([acc.v_row for acc in accs])
+    v_cols = _stack([acc.v_col for acc in accs])
+
     n_full = 12 if lay.factored else 30  # elementwise channels summed
-    sums = psum(jnp.sum(blocks[:, 8 : 9 + n_full], axis=0), all_axes)
-    chan_sums = sums[:n_full]
-    grad_bad = sums[n_full]
-    chan_max = pmax(jnp.max(blocks[:, 9 + n_full : 9 + 2 * n_full], axis=0), all_axes)
-    mean_p2 = chan_sums[2] / n_global
-    norm = jax.lax.rsqrt(jnp.maximum(1e-9, mean_p2))
-    mean_m = mean[:3] * norm
-    var_m = m2[:3] / n_global * (norm * norm)
-    mean_rms = mean[3:4] * norm
-    var_v = m2[3] / n_global * (norm * norm)
-    var_rms = var_v + jnp.square(mean_rms - mean_m)
-    stats = jnp.concatenate(
-        [_clip_log_abs(mean_rms), _clip_log_abs(var_m), _clip_log_abs(var_rms)]
-    )
+    full = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 14) if lay.factored else tuple(range(30))
 
-    mean_sq, max_abs = [None] * 30, [None] * 30
-    if not lay.factored:
-        for c in range(30):
-            mean_sq[c] = chan_sums[c] / n_global
-        return PhaseA(stats, jnp.stack(mean_sq), acc.v_row, acc.v_col, None, None,
-                      grad_bad, chan_max)  # fmt: skip
-    full = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 14)
+    def combine(sums, rows, cols, v_row, v_col):
+        # One tensor's kernel sums -> its statistics, the elementwise
+        # channels' mean squares and maxima, and (factored) the new row /
+        # column accumulators and factors (vmapped over the group).
+        blocks = sums[:, :, 0, :].reshape(lay.b * nb, _LANES)
+        # Previous-state statistics: Chan's combination of equal-size blocks
+        # (then over devices: local sums of n_b * mean and of M2 + n_b *
+        # mean**2 deviations need the global mean first: two psums).
+        n_b = np.float32(lay.bx * lay.y)
+        means = blocks[:, 0:8:2]  # [nblk, 4] m0, m1, m2, v
+        m2s = blocks[:, 1:8:2]
+        mean = psum(jnp.sum(means, axis=0) * n_b, all_axes) / n_global
+        m2 = psum(
+            jnp.sum(m2s, axis=0) + n_b * jnp.sum(jnp.square(means - mean), axis=0),
+            all_axes,
+        )
+        chan = psum(jnp.sum(blocks[:, 8 : 9 + n_full], axis=0), all_axes)
+        chan_sums, grad_bad = chan[:n_full], chan[n_full]
+        chan_max = pmax(jnp.max(blocks[:, 9 + n_full : 9 + 2 * n_full], axis=0), all_axes)
+        norm = jax.lax.rsqrt(jnp.maximum(1e-9, chan_sums[2] / n_global))
+        mean_m = mean[:3] * norm
+        var_m = m2[:3] / n_global * (norm * norm)
+        mean_rms = mean[3:4] * norm
+        var_v = m2[3] / n_global * (norm * norm)
+        var_rms = var_v + jnp.square(mean_rms - mean_m)
+        stats = jnp.concatenate(
+            [_clip_log_abs(mean_rms), _clip_log_abs(var_m), _clip_log_abs(var_rms)]
+        )
+        out = dict(stats=stats, mean_sq=chan_sums / n_global, max_abs=chan_max,
+                   grad_bad=grad_bad)  # fmt: skip
+        if not lay.factored:
+            return out
+        # Factored accumulators, in the tensor's own axes (as update_factored).
+        d1, d0 = accumulators.factored_dims(global_shape)
+        y_axis, x_axis = lay.perm[-1], lay.perm[-2]
+        rows = psum(rows[:, :, 0], (y_axis,))  # [B, X]: sums over Y
+        cols = psum(jnp.sum(cols[:, :, 0, :], axis=1), (x_axis,))  # [B, Y]
+        batch_shape = tuple(shape[a] for a in lay.perm[:-2])
+        # over d0 / over d1, as arrays of shape s without that axis.
+        sum_y = rows.reshape(batch_shape + (lay.x,))
+        sum_x = cols.reshape(batch_shape + (lay.y,))
+        over_d0, over_d1 = (sum_y, sum_x) if lay.d0_is_y else (sum_x, sum_y)
+        n_d0, n_d1 = np.float32(global_shape[d0]), np.float32(global_shape[d1])
+        batch_axes = list(lay.perm[:-2])
+
+        def to_tensor_order(a, kept_axis):
+            # a: [batch..., kept] -> the tensor's axes without the reduced one.
+            order = batch_axes + [kept_axis]
+            target = sorted(order)
+            return jnp.transpose(a, [order.index(t) for t in target])
+
+        mean_d0 = to_tensor_order(over_d0 / n_d0, d1)
+        mean_d1 = to_tensor_order(over_d1 / n_d1, d0)
+        ad = jnp.clip(jnp.asarray(accumulators.ADAFACTOR_DECAYS, jnp.float32), 0.0, 1.0)
+        v_row = ad * v_row.astype(jnp.float32) + (1 - ad) * mean_d0[..., None]
+        v_col = ad * v_col.astype(jnp.float32) + (1 - ad) * mean_d1[..., None]
+        reduced_d1 = d1 - 1 if d1 > d0 else d1
+        row_col_mean = psum(jnp.sum(v_row, axis=reduced_d1, keepdims=True), (d1,)) / n_d1
+        rf = jnp.expand_dims(accumulators.safe_rsqrt(v_row / (row_col_mean + 1e-9)), d0)
+        cf = jnp.expand_dims(accumulators.safe_rsqrt(v_col), d1)
+        xfac, yfac = _factor_views(rf, cf, lay, d1)
+        return out | dict(v_row=v_row, v_col=v_col, rf=rf, cf=cf, xfac=xfac, yfac=yfac)
+
+    if lay.factored:
+        first = jax.vmap(combine)(outs[0], outs[1], outs[2], v_rows, v_cols)
+    else:
+        first = jax.vmap(lambda s: combine(s, None, None, None, None))(outs[0])
+    mean_sq = [None] * 30
+    max_abs = [None] * 30
     for i, c in enumerate(full):
-        mean_sq[c] = chan_sums[i] / n_global
-        max_abs[c] = chan_max[i]
+        mean_sq[c], max_abs[c] = first["mean_sq"][:, i], first["max_abs"][:, i]
+    if not lay.factored:
+        return PhaseA(first["stats"], jnp.stack(mean_sq, -1), v_rows, v_cols, None,
+                      None, first["grad_bad"], jnp.stack(max_abs, -1))  # fmt: skip
 
-    # Factored accumulators, in the tensor's own axes (as update_factored).
-    d1, d0 = accumulators.factored_dims(global_shape)
-    rows = outs[1][:, :, 0]  # [B, X]: sums over Y
-    cols = jnp.sum(outs[2][:, :, 0, :], axis=1)  # [B, Y]: sums over X
-    y_axis, x_axis = lay.perm[-1], lay.perm[-2]
-    rows = psum(rows, (y_axis,))
-    cols = psum(cols, (x_axis,))
-    batch_shape = tuple(shape[a] for a in lay.perm[:-2])
-    # over d0 / over d1, as arrays of shape s without that axis (then [..., 3]).
-    sum_y = rows.reshape(batch_shape + (lay.x,))
-    sum_x = cols.reshape(batch_shape + (lay.y,))
-    over_d0, over_d1 = (sum_y, sum_x) if lay.d0_is_y else (sum_x, sum_y)
-    n_d0, n_d1 = np.float32(global_shape[d0]), np.float32(global_shape[d1])
-    batch_axes = list(lay.perm[:-2])
-
-    def to_tensor_order(a, kept_axis):
-        # a: [batch..., kept] -> the tensor's axes without the reduced one.
-        order = batch_axes + [kept_axis]
-        target = sorted(order)
-        return jnp.transpose(a, [order.index(t) for t in target])
-
-    mean_d0 = to_tensor_order(over_d0 / n_d0, d1)
-    mean_d1 = to_tensor_order(over_d1 / n_d1, d0)
-    ad = jnp.clip(jnp.asarray(accumulators.ADAFACTOR_DECAYS, jnp.float32), 0.0, 1.0)
-    v_row = ad * acc.v_row.astype(jnp.float32) + (1 - ad) * mean_d0[..., None]
-    v_col = ad * acc.v_col.astype(jnp.float32) + (1 - ad) * mean_d1[..., None]
-    reduced_d1 = d1 - 1 if d1 > d0 else d1
-    row_col_mean = psum(jnp.sum(v_row, axis=reduced_d1, keepdims=True), (d1,)) / n_d1
-    row_factor = accumulators.safe_rsqrt(v_row / (row_col_mean + 1e-9))
-    col_factor = accumulators.safe_rsqrt(v_col)
-    rf = jnp.expand_dims(row_factor, d0)  # broadcastable to s + (3,)
-    cf = jnp.expand_dims(col_factor, d1)
-    xfac, yfac = _factor_views(rf, cf, lay, d1)
-
-    s2 = pl.pallas_call(
+    factored = pl.pallas_call(
         _factored_kernel,
         out_shape=jax.ShapeDtypeStruct((lay.b, nb, _SUMS_ROWS, _LANES), jnp.float32),
         grid=grid,
@@ -623,29 +648,37 @@ def phase_a(
         out_specs=sp["sums"](_SUMS_ROWS),
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(),
-    )(g_v, m_v, xfac, yfac)
-    s2 = s2[:, :, 0, :12].reshape(-1, 12)
-    s2_max = pmax(jnp.max(s2[:, 6:], axis=0), all_axes)
-    s2 = psum(jnp.sum(s2[:, :6], axis=0), all_axes)
-    for k in range(3):
-        mean_sq[11 + k] = s2[k] / n_global
-        mean_sq[27 + k] = s2[3 + k] / n_global
-        max_abs[11 + k] = s2_max[k]
-        max_abs[27 + k] = s2_max[3 + k]
-    # The row/column channels: mean squares and maxima of the small vectors
-    # themselves, 6 channels per vector in one reduction (each shard holds
-    # its slice; psum / pmax over the axes that shard it).
-    for vec, axis, ids in ((v_row, d0, _ROW_CHANNELS), (v_col, d1, _COL_CHANNELS)):
-        chans = _vector_channels(vec)
-        n_vec = np.float32(math.prod(global_shape) / global_shape[axis])
-        axes = tuple(a for a in all_axes if a != axis)
-        lead = tuple(range(chans.ndim - 1))
-        sq = psum(jnp.sum(jnp.square(chans), axis=lead), axes) / n_vec
-        top = pmax(jnp.max(jnp.abs(chans), axis=lead), axes)
-        for k, c in enumerate(ids):
-            mean_sq[c], max_abs[c] = sq[k], top[k]
-    return PhaseA(stats, jnp.stack(mean_sq), v_row, v_col, rf, cf, grad_bad,
-                  jnp.stack(max_abs))  # fmt: skip
+    )
+    s2 = _stack([
+        factored(g, m, first["xfac"][k], first["yfac"][k])
+        for k, (g, m) in enumerate(zip(g_v, m_v))
+    ])  # fmt: skip
+    d1, d0 = accumulators.factored_dims(global_shape)
+
+    def finish(s2, v_row, v_col):
+        # The 6 channels that need the new factors, and the row/column
+        # channels: mean squares and maxima of the small vectors themselves,
+        # 6 channels per vector in one reduction (each shard holds its
+        # slice; psum / pmax over the axes that shard it).
+        s2 = s2[:, :, 0, :12].reshape(-1, 12)
+        top = [pmax(jnp.max(s2[:, 6:], axis=0), all_axes)]
+        sq = [psum(jnp.sum(s2[:, :6], axis=0), all_axes) / n_global]
+        for vec, axis in ((v_row, d0), (v_col, d1)):
+            chans = _vector_channels(vec)
+            n_vec = np.float32(math.prod(global_shape) / global_shape[axis])
+            axes = tuple(a for a in all_axes if a != axis)
+            lead = tuple(range(chans.ndim - 1))
+            sq.append(psum(jnp.sum(jnp.square(chans), axis=lead), axes) / n_vec)
+            top.append(pmax(jnp.max(jnp.abs(chans), axis=lead), axes))
+        return jnp.concatenate(sq), jnp.concatenate(top)
+
+    sq, top = jax.vmap(finish)(s2, first["v_row"], first["v_col"])
+    late = (11, 12, 13, 27, 28, 29) + _ROW_CHANNELS + _COL_CHANNELS
+    for i, c in enumerate(late):
+        mean_sq[c], max_abs[c] = sq[:, i], top[:, i]
+    return PhaseA(first["stats"], jnp.stack(mean_sq, -1), first["v_row"],
+                  first["v_col"], first["rf"], first["cf"], first["grad_bad"],
+                  jnp.stack(max_abs, -1))  # fmt: skip
 
 
 def _factor_views(rf, cf, lay: Layout, d1: int):
@@ -705,9 +738,9 @@ def pack_weights(
 def phase_c(
     weights: jax.Array,
     w0: jax.Array,
-    p: jax.Array,
-    g: jax.Array,
-    acc: param_net.Accumulators,
+    ps: list[jax.Array],
+    gs: list[jax.Array],
+    accs: list[param_net.Accumulators],
     a: PhaseA,
     *,
     interpret: bool = False,
@@ -716,87 +749,83 @@ def phase_c(
     layers: int,
     decoupled_weight_decay: float = 0.0,
     global_shape: tuple[int, ...] | None = None,
-) -> tuple[jax.Array, param_net.Accumulators, jax.Array]:
-    """The update and the new accumulators of one tensor (phase C).
+) -> tuple[list[jax.Array], list[param_net.Accumulators], jax.Array]:
+    """The updates and the new accumulators of a group of tensors of one
+    shape (phase C): one kernel call per tensor, the row/column terms of the
+    whole group computed once (vmapped).
 
     Args:
-      weights: f32[L], this tensor's row of `pack_weights`. Its commit flag
-        set: the new accumulators are written in place, else the old ones
-        again (the step's commit is then left to `write_accumulators`).
-      w0: f32[30, F], this tensor's row of `param_net.first_layer` (for the
+      weights: f32[K, L], the group's rows of `pack_weights`. The commit
+        flag set: the new accumulators are written in place, else the old
+        ones again (the step's commit is then left to `write_accumulators`).
+      w0: f32[K, 30, F], the group's rows of `param_net.first_layer` (for the
         row/column channels' terms, summed here at their own size).
+      ps, gs, accs: as `phase_a`'s; a: its result.
       hidden, layers: the MLP's hidden width F and its number of hidden
         layers.
       decoupled_weight_decay: `update -= decoupled_weight_decay * p` inside
         the kernel, before the cast to `update_dtype` and the finite count.
-      global_shape: the unsharded shape (inside `shard_map`); default `p.shape`.
+      global_shape: the unsharded shape (inside `shard_map`); default the shape.
 
     Returns:
-      (update [*s] in update_dtype, the accumulators as written (new where
-      `commit`) in the old ones' dtypes, f32[] count of non-finite update
-      elements).
+      (the K updates [*s] in update_dtype, the accumulators as written (new
+      where `commit`) in the old ones' dtypes, f32[K] counts of non-finite
+      update elements).
     """
-    shape = tuple(p.shape)
+    shape = tuple(ps[0].shape)
     global_shape = tuple(global_shape or shape)
     lay = layout(shape, global_shape)
     nb = lay.x // lay.bx
-    grid = (lay.b, nb)
     sp = _specs(lay)
+    acc = accs[0]
     if lay.factored:
         full = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 27, 28, 29]
     else:
         full = list(range(30))
-    flat = weights
 
     smem = pl.BlockSpec(memory_space=pltpu.SMEM)
-    p_v, g_v = _to_view(p, lay), _to_view(g, lay)
-    m_v = _decayed_to_view(acc.m, lay)
-    v_v = _rms_to_view(acc.v, lay)
-    m_dt, v_dt = acc.m.dtype, acc.v.dtype
     out_shape = [
         jax.ShapeDtypeStruct((lay.b, lay.x, lay.y), update_dtype),
-        jax.ShapeDtypeStruct(m_v.shape, m_dt),
-        jax.ShapeDtypeStruct(v_v.shape, v_dt),
+        jax.ShapeDtypeStruct((lay.b, 3, lay.x, lay.y), acc.m.dtype),
+        jax.ShapeDtypeStruct((lay.b, lay.x, 1, lay.y), acc.v.dtype),
     ]
     out_specs = [sp["full"], sp["dec"], sp["rms"]]
-    bad_shape = jax.ShapeDtypeStruct((lay.b, nb, 8, _LANES), jnp.float32)
     if lay.factored:
         # Row / column channels summed at their own size, per hidden unit.
         d1, d0 = accumulators.factored_dims(global_shape)
-        xfac, yfac = _factor_views(a.row_factor, a.col_factor, lay, d1)
-
-        def terms(vec, idx):
-            # [*s without an axis, 6] x [6, F] as elementwise f32 products
-            # and a sum (no matmul: its precision differs by backend).
-            w = w0[np.asarray(idx)]
-            return jnp.sum(_vector_channels(vec)[..., :, None] * w, axis=-2)
-
-        t_row = jnp.expand_dims(terms(a.v_row, _ROW_CHANNELS), d0)
-        t_col = jnp.expand_dims(terms(a.v_col, _COL_CHANNELS), d1)
         x_axis = lay.perm[-2]
+        row_on_x = d1 == x_axis
 
         def term_view(t, on_x):
             t = jnp.moveaxis(t, -1, 0)
             t = jnp.transpose(t, (0,) + tuple(q + 1 for q in lay.perm))
             return t.reshape(hidden, lay.b, lay.x if on_x else 1, 1 if on_x else lay.y)
 
-        row_on_x = d1 == x_axis
-        t_row_v, t_col_v = term_view(t_row, row_on_x), term_view(t_col, not row_on_x)
-        xt, yt = (t_row_v, t_col_v) if row_on_x else (t_col_v, t_row_v)
+        def views(w0, v_row, v_col, rf, cf):
+            def terms(vec, idx):
+                # [*s without an axis, 6] x [6, F] as elementwise f32 products
+                # and a sum (no matmul: its precision differs by backend).
+                w = w0[np.asarray(idx)]
+                return jnp.sum(_vector_channels(vec)[..., :, None] * w, axis=-2)
+
+            t_row = jnp.expand_dims(terms(v_row, _ROW_CHANNELS), d0)
+            t_col = jnp.expand_dims(terms(v_col, _COL_CHANNELS), d1)
+            t_row_v, t_col_v = term_view(t_row, row_on_x), term_view(t_col, not row_on_x)
+            xt, yt = (t_row_v, t_col_v) if row_on_x else (t_col_v, t_row_v)
+            return (*_factor_views(rf, cf, lay, d1), xt, yt)
+
+        extra = jax.vmap(views)(w0, a.v_row, a.v_col, a.row_factor, a.col_factor)
         in_specs = [smem, sp["full"], sp["full"], sp["dec"], sp["rms"],
                     sp["xvec"](3), sp["yvec"](3), sp["xvec"](hidden), sp["yvec"](hidden)]  # fmt: skip
-        args = (flat, p_v, g_v, m_v, v_v, xfac, yfac, xt, yt)
         aliases = {3: 1, 4: 2}
     else:
-        vd_v = _decayed_to_view(acc.v_diag, lay)
-        out_shape.append(jax.ShapeDtypeStruct(vd_v.shape, acc.v_diag.dtype))
+        out_shape.append(jax.ShapeDtypeStruct((1, 3, 1, lay.y), acc.v_diag.dtype))
         out_specs.append(sp["dec"])
         in_specs = [smem, sp["full"], sp["full"], sp["dec"], sp["rms"], sp["dec"]]
-        args = (flat, p_v, g_v, m_v, v_v, vd_v)
         aliases = {3: 1, 4: 2, 5: 3}
-    out_shape.append(bad_shape)
+    out_shape.append(jax.ShapeDtypeStruct((lay.b, nb, 8, _LANES), jnp.float32))
     out_specs.append(sp["sums"](8))
-    outs = pl.pallas_call(
+    apply = pl.pallas_call(
         functools.partial(
             _apply_kernel,
             factored=lay.factored,
@@ -806,27 +835,37 @@ def phase_c(
             decoupled_weight_decay=float(decoupled_weight_decay),
         ),
         out_shape=tuple(out_shape),
-        grid=grid,
+        grid=(lay.b, nb),
         in_specs=in_specs,
         out_specs=tuple(out_specs),
         input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(),
-    )(*args)
-    update = _from_view(outs[0], lay)
-    bad = jnp.sum(outs[-1][:, :, 0, 0])
-    m_new = _decayed_from_view(outs[1], lay)
-    v_new = _rms_from_view(outs[2], lay)
-    if lay.factored:
-        new = param_net.Accumulators(
-            m_new, v_new, a.v_row.astype(acc.v_row.dtype),
-            a.v_col.astype(acc.v_col.dtype), None,
-        )  # fmt: skip
-    else:
-        new = param_net.Accumulators(
-            m_new, v_new, None, None, _decayed_from_view(outs[3], lay)
-        )
-    return update, new, bad
+    )
+    updates, new, bad = [], [], []
+    for k, (p, g, acc) in enumerate(zip(ps, gs, accs)):
+        args = [weights[k], _to_view(p, lay), _to_view(g, lay),
+                _decayed_to_view(acc.m, lay), _rms_to_view(acc.v, lay)]  # fmt: skip
+        if lay.factored:
+            args += [x[k] for x in extra]
+        else:
+            args.append(_decayed_to_view(acc.v_diag, lay))
+        outs = apply(*args)
+        updates.append(_from_view(outs[0], lay))
+        bad.append(outs[-1])
+        m_new = _decayed_from_view(outs[1], lay)
+        v_new = _rms_from_view(outs[2], lay)
+        if lay.factored:
+            new.append(param_net.Accumulators(
+                m_new, v_new, a.v_row[k].astype(acc.v_row.dtype),
+                a.v_col[k].astype(acc.v_col.dtype), None,
+            ))  # fmt: skip
+        else:
+            new.append(param_net.Accumulators(
+                m_new, v_new, None, None, _decayed_from_view(outs[3], lay)
+            ))  # fmt: skip
+    bad = jnp.sum(_stack(bad)[:, :, :, 0, 0], axis=(1, 2))
+    return updates, new, bad
 
 
 LATE_COMMIT_SCOPE = "velo_late_commit"
@@ -898,7 +937,8 @@ def write_accumulators(
 
 
 # --------------------------------------------------------------------------
-# On a sharded mesh: the passes inside `jax.shard_map`, per tensor.
+# On a sharded mesh: the passes inside `jax.shard_map`, per group of like
+# tensors (`write_accumulators` per tensor).
 
 
 class TensorSharding(NamedTuple):
@@ -969,63 +1009,78 @@ def _acc_specs(sh: TensorSharding, shape, acc: param_net.Accumulators):
     ), P()
 
 
+def _stacked(spec):
+    """The spec of a group's stacked arrays (a leading, replicated axis)."""
+    from jax.sharding import PartitionSpec as P
+
+    return None if spec is None else P(None, *spec)
+
+
 def _phase_a_specs(sh: TensorSharding, shape, acc):
+    """Specs of a group's stacked `PhaseA` (see `phase_a`)."""
     specs, rep = _acc_specs(sh, shape, acc)
     dims = accumulators.factored_dims(shape)
     if dims is None:
         return PhaseA(rep, rep, None, None, None, None, rep, rep)
     d1, d0 = dims
     return PhaseA(
-        rep, rep, specs.v_row, specs.v_col,
-        sh.spec(drop=d0, extra=1), sh.spec(drop=d1, extra=1), rep, rep,
+        rep, rep, _stacked(specs.v_row), _stacked(specs.v_col),
+        _stacked(sh.spec(drop=d0, extra=1)), _stacked(sh.spec(drop=d1, extra=1)),
+        rep, rep,
     )  # fmt: skip
 
 
-def sharded_phase_a(p, g, acc, sh: TensorSharding | None, *, interpret=False) -> PhaseA:
-    """`phase_a`, inside `shard_map` over `sh.mesh` when `sh` is given (each
-    device on its block, the partial sums psum'd)."""
+def sharded_phase_a(ps, gs, accs, sh: TensorSharding | None, *, interpret=False) -> PhaseA:
+    """`phase_a` of a group, inside `shard_map` over `sh.mesh` when `sh` is
+    given (each device on its blocks, the partial sums psum'd)."""
     if sh is None:
-        return phase_a(p, g, acc, interpret=interpret)
-    shape = tuple(p.shape)
+        return phase_a(ps, gs, accs, interpret=interpret)
+    shape = tuple(ps[0].shape)
 
-    def fn(p, g, acc):
+    def fn(ps, gs, accs):
         return phase_a(
-            p, g, acc, interpret=interpret, psum=sh.psum, pmax=sh.pmax,
+            ps, gs, accs, interpret=interpret, psum=sh.psum, pmax=sh.pmax,
             global_shape=shape,
         )
 
-    acc_specs, _ = _acc_specs(sh, shape, acc)
+    acc_specs, _ = _acc_specs(sh, shape, accs[0])
+    k = len(ps)
     return jax.shard_map(
         fn,
         mesh=sh.mesh,
-        in_specs=(sh.spec(), sh.spec(), acc_specs),
-        out_specs=_phase_a_specs(sh, shape, acc),
+        in_specs=([sh.spec()] * k, [sh.spec()] * k, [acc_specs] * k),
+        out_specs=_phase_a_specs(sh, shape, accs[0]),
         check_vma=False,
-    )(p, g, acc)
+    )(ps, gs, accs)
 
 
-def sharded_phase_c(weights, w0, p, g, acc, a: PhaseA, sh: TensorSharding | None, **kw):
-    """`phase_c`, inside `shard_map` when `sh` is given; the non-finite
-    count is summed over the devices."""
+def sharded_phase_c(
+    weights, w0, ps, gs, accs, a: PhaseA, sh: TensorSharding | None, **kw
+):
+    """`phase_c` of a group, inside `shard_map` when `sh` is given; the
+    non-finite counts are summed over the devices."""
     if sh is None:
-        return phase_c(weights, w0, p, g, acc, a, **kw)
+        return phase_c(weights, w0, ps, gs, accs, a, **kw)
     from jax.sharding import PartitionSpec as P
 
-    shape = tuple(p.shape)
+    shape = tuple(ps[0].shape)
 
-    def fn(weights, w0, p, g, acc, a):
-        update, new, bad = phase_c(weights, w0, p, g, acc, a, global_shape=shape, **kw)
-        return update, new, sh.psum(bad, tuple(range(len(shape))))
+    def fn(weights, w0, ps, gs, accs, a):
+        updates, new, bad = phase_c(
+            weights, w0, ps, gs, accs, a, global_shape=shape, **kw
+        )
+        return updates, new, sh.psum(bad, tuple(range(len(shape))))
 
-    acc_specs, rep = _acc_specs(sh, shape, acc)
-    a_specs = _phase_a_specs(sh, shape, acc)
+    acc_specs, rep = _acc_specs(sh, shape, accs[0])
+    a_specs = _phase_a_specs(sh, shape, accs[0])
+    k = len(ps)
     return jax.shard_map(
         fn,
         mesh=sh.mesh,
-        in_specs=(P(), P(), sh.spec(), sh.spec(), acc_specs, a_specs),
-        out_specs=(sh.spec(), acc_specs, rep),
+        in_specs=(P(), P(), [sh.spec()] * k, [sh.spec()] * k, [acc_specs] * k, a_specs),
+        out_specs=([sh.spec()] * k, [acc_specs] * k, rep),
         check_vma=False,
-    )(weights, w0, p, g, acc, a)
+    )(weights, w0, ps, gs, accs, a)
 
 
 def sharded_write_accumulators(ok, g, acc, sh: TensorSharding | None, **kw):
