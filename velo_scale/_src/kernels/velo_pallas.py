@@ -313,6 +313,16 @@ def _factored_kernel(g_ref, m_ref, xf_ref, yf_ref, s_ref):
     _put(s_ref, sums_g + sums_m + max_g + max_m)
 
 
+def _chunks(rows: int, lanes: int) -> tuple[int, int]:
+    """(rows, lanes) of the pieces the apply kernel computes at a time: an
+    (8, 512) tile where the block divides into them, so its code is a loop
+    over a few vregs, not the MLP unrolled over the whole block (which
+    made Mosaic's compile per call grow with the block)."""
+    rc = 8 if rows % 8 == 0 else rows
+    cc = next((c for c in (512, 256, 128) if lanes % c == 0), lanes)
+    return rc, cc
+
+
 def _apply_kernel(
     *refs,
     factored: bool,
@@ -332,72 +342,95 @@ def _apply_kernel(
     del refs[:3]
     vdo_ref = None if factored else refs.pop(0)
     (bad_ref,) = refs
-    p = p_ref[...].astype(jnp.float32)
-    g = jnp.clip(g_ref[...].astype(jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP)
-    m_new, v_new, vd_new = _new_accumulators(g, m_ref, v_ref, vd_ref)
-    ch = _elementwise_channels(p, g, m_new, v_new, vd_new)
-    if factored:
-        for k in range(3):
-            factor = xf_ref[k] * yf_ref[k]
-            ch[11 + k] = g * factor
-            ch[27 + k] = m_new[k] * factor
-    full = sorted(ch)
-    assert len(full) == n_full
-    # Scalars (SMEM, `pack_weights`): w0 [30, F], b0 [F], then per hidden
-    # layer w [F, F'] and b [F'], then the step scale and the commit flag.
-    off = 0
+    rows, lanes = p_ref.shape
+    rc, cc = _chunks(rows, lanes)
+    nc = lanes // cc
+    n_chunks = (rows // rc) * nc
 
-    def take(n):
-        nonlocal off
-        vals = [w_ref[off + i] for i in range(n)]
-        off += n
-        return vals
-
-    w0 = take(param_net.NUM_PARAM_FEATURES * hidden)
-    b0 = take(hidden)
-    h = []
-    for j in range(hidden):
-        total = None
-        for c in full:
-            term = ch[c] * w0[c * hidden + j]
-            total = term if total is None else total + term
+    def piece(t, bad):
+        # One (rc, cc) piece of the block: its update and accumulators.
+        if n_chunks == 1:
+            r, c = slice(None), slice(None)
+        else:
+            r = pl.ds(pl.multiple_of((t // nc) * rc, rc), rc)
+            c = pl.ds(pl.multiple_of((t % nc) * cc, cc), cc)
+        p = p_ref[r, c].astype(jnp.float32)
+        g = jnp.clip(g_ref[r, c].astype(jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP)
+        m_old = [m_ref[k, r, c] for k in range(3)]
+        v_old = v_ref[r, c]
+        vd_old = None if vd_ref is None else [vd_ref[k, r, c] for k in range(3)]
+        m_new, v_new, vd_new = _new_accumulators(g, m_old, v_old, vd_old)
+        ch = _elementwise_channels(p, g, m_new, v_new, vd_new)
         if factored:
-            total = total + (xt_ref[j] + yt_ref[j])
-        h.append(total + b0[j])
-    for layer in range(1, layers + 1):
-        width_in = len(h)
-        width = hidden if layer < layers else 2
-        w = take(width_in * width)
-        b = take(width)
-        h = [jnp.maximum(x, 0.0) for x in h]
-        out = []
-        for j in range(width):
+            for k in range(3):
+                factor = xf_ref[k, r, :] * yf_ref[k, :, c]
+                ch[11 + k] = g * factor
+                ch[27 + k] = m_new[k] * factor
+        full = sorted(ch)
+        assert len(full) == n_full
+        # Scalars (SMEM, `pack_weights`): w0 [30, F], b0 [F], then per
+        # hidden layer w [F, F'] and b [F'], then the step scale and the
+        # commit flag.
+        off = 0
+
+        def take(n):
+            nonlocal off
+            vals = [w_ref[off + i] for i in range(n)]
+            off += n
+            return vals
+
+        w0 = take(param_net.NUM_PARAM_FEATURES * hidden)
+        b0 = take(hidden)
+        h = []
+        for j in range(hidden):
             total = None
-            for i in range(width_in):
-                term = h[i] * w[i * width + j]
+            for ci in full:
+                term = ch[ci] * w0[ci * hidden + j]
                 total = term if total is None else total + term
-            out.append(total + b[j])
-        h = out
-    (scale,) = take(1)
-    direction, magnitude = h[0], h[1]
-    u = -(scale * (direction * jnp.exp(magnitude * np.float32(param_net.EXP_MULT))))
-    if decoupled_weight_decay:
-        u = u - np.float32(decoupled_weight_decay) * p
-    u = u.astype(u_ref.dtype)
-    u_ref[...] = u
-    # The new accumulators where the commit flag is set, else the old
-    # ones again (the outputs alias the inputs).
-    (commit,) = take(1)
-    ok = commit != 0
-    for k in range(3):
-        mo_ref[k] = jnp.where(ok, m_new[k].astype(mo_ref.dtype), m_ref[k])
-    vo_ref[...] = jnp.where(ok, v_new.astype(vo_ref.dtype), v_ref[...])
-    if vdo_ref is not None:
+            if factored:
+                total = total + (xt_ref[j, r, :] + yt_ref[j, :, c])
+            h.append(total + b0[j])
+        for layer in range(1, layers + 1):
+            width_in = len(h)
+            width = hidden if layer < layers else 2
+            w = take(width_in * width)
+            b = take(width)
+            h = [jnp.maximum(x, 0.0) for x in h]
+            out = []
+            for j in range(width):
+                total = None
+                for i in range(width_in):
+                    term = h[i] * w[i * width + j]
+                    total = term if total is None else total + term
+                out.append(total + b[j])
+            h = out
+        (scale,) = take(1)
+        direction, magnitude = h[0], h[1]
+        u = -(scale * (direction * jnp.exp(magnitude * np.float32(param_net.EXP_MULT))))
+        if decoupled_weight_decay:
+            u = u - np.float32(decoupled_weight_decay) * p
+        u = u.astype(u_ref.dtype)
+        u_ref[r, c] = u
+        # The new accumulators where the commit flag is set, else the old
+        # ones again (the outputs alias the inputs).
+        (commit,) = take(1)
+        ok = commit != 0
         for k in range(3):
-            vdo_ref[k] = jnp.where(ok, vd_new[k].astype(vdo_ref.dtype), vd_ref[k])
-    bad_ref[...] = jnp.broadcast_to(
-        _sum(jnp.where(jnp.isfinite(u.astype(jnp.float32)), 0.0, 1.0)), bad_ref.shape
-    )
+            mo_ref[k, r, c] = jnp.where(ok, m_new[k].astype(mo_ref.dtype), m_old[k])
+        vo_ref[r, c] = jnp.where(ok, v_new.astype(vo_ref.dtype), v_old)
+        if vdo_ref is not None:
+            for k in range(3):
+                vdo_ref[k, r, c] = jnp.where(
+                    ok, vd_new[k].astype(vdo_ref.dtype), vd_old[k]
+                )
+        return bad + _sum(jnp.where(jnp.isfinite(u.astype(jnp.float32)), 0.0, 1.0))
+
+    zero = jnp.zeros((1, 1), jnp.float32)
+    if n_chunks == 1:
+        bad = piece(0, zero)
+    else:
+        bad = jax.lax.fori_loop(0, n_chunks, piece, zero)
+    bad_ref[...] = jnp.broadcast_to(bad, bad_ref.shape)
 
 
 def _state_kernel(ok_ref, g_hbm, m_hbm, v_hbm, *refs, factored: bool, bx: int):
