@@ -41,6 +41,15 @@ run on the TPU; `interpret=True` runs them on any backend (tests on CPU).
 Mosaic custom calls are not auto-partitioned: on a sharded mesh
 `velo_step` runs them inside `jax.shard_map`, with the partial sums
 `psum`'d over the mesh axes the tensor is sharded on.
+
+Compile time. XLA:TPU compiles every fusion and every Mosaic call on its
+own (identical kernels are not shared), so the per-tensor cost is what a
+deep model multiplies. `phase_a` and `phase_c` therefore take a group of
+like tensors (one shape, sharding and dtypes): one kernel call per tensor,
+but the small arrays between the kernels combined once for the group
+(vmapped), with one `shard_map` and one psum per group. The apply kernel
+loops over (8, 512) pieces of its block (`_chunks`), so its code is a few
+vregs wide instead of the MLP unrolled over the whole block.
 """
 
 from __future__ import annotations
