@@ -361,8 +361,10 @@ def _apply_kernel(
         if n_chunks == 1:
             r, c = slice(None), slice(None)
         else:
-            r = pl.ds(pl.multiple_of((t // nc) * rc, rc), rc)
-            c = pl.ds(pl.multiple_of((t % nc) * cc, cc), cc)
+            # lax.div/rem, not // and %: t >= 0, and their sign handling
+            # lowers through a query of the local TPU (AOT compiles have none).
+            r = pl.ds(pl.multiple_of(jax.lax.div(t, nc) * rc, rc), rc)
+            c = pl.ds(pl.multiple_of(jax.lax.rem(t, nc) * cc, cc), cc)
         p = p_ref[r, c].astype(jnp.float32)
         g = jnp.clip(g_ref[r, c].astype(jnp.float32), -GRADIENT_CLIP, GRADIENT_CLIP)
         m_old = [m_ref[k, r, c] for k in range(3)]
