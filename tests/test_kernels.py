@@ -194,7 +194,7 @@ def test_unknown_implementation():
 
 
 def test_late_commit_matches_the_fast_commit(theta, monkeypatch):
-    """With the fast commit off (`write_accumulators` under the `lax.cond`
+    """With the fast commit off (`write_accumulators`, its flag set,
     commits every finite step), the results are the XLA path's, the NaN step
     skipped as before."""
     import functools

@@ -22,10 +22,11 @@ the XLA path, between the 2nd and the 3rd):
 4. With the non-finite skip (`velo`'s default) the commit flag is set when
    the loss and gradients are finite and every update is provably finite
    (`param_net.update_bound` from the channels' maxima): the usual step.
-   Otherwise `_state_kernel` (`write_accumulators`, under a `lax.cond`)
-   writes the new accumulators in place once the step is known finite, or
-   the step keeps the old ones: the exact skip without a select pass over
-   the state, and in the usual step without a 4th pass.
+   Otherwise `_state_kernel` (`write_accumulators`: refs in HBM, blocks
+   copied by hand under its flag) writes the new accumulators in place once
+   the step is known finite, or the step keeps the old ones: the exact skip
+   without a select pass over the state, and in the usual step without a
+   4th pass (the kernel then moves no data).
 
 Every tensor is seen as `[B, X, Y]`: Y the axis XLA:TPU lays out minor-most
 (lanes), X the second-minor one (sublanes), both of them the factored axes,
