@@ -544,7 +544,8 @@ def phase_a(
 
     The kernels run per tensor; the small arrays between and after them are
     stacked and combined once for the group (vmapped), so a deeper model
-    adds kernel calls (each the same Mosaic kernel) but no XLA ops of its own.
+    adds kernel calls (each the same Mosaic kernel) and the stacks (XLA:TPU
+    makes each one dynamic-update-slice per tensor), not the combination.
 
     Args:
       ps, gs: the K (lifted, rank >= 1) parameters and raw gradients, any
@@ -822,7 +823,7 @@ def phase_c(
     lay = layout(shape, global_shape)
     nb = lay.x // lay.bx
     sp = _specs(lay)
-    acc = accs[0]
+    dtypes = param_net.Accumulators(*(None if x is None else x.dtype for x in accs[0]))
     if lay.factored:
         full = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 27, 28, 29]
     else:
@@ -831,8 +832,8 @@ def phase_c(
     smem = pl.BlockSpec(memory_space=pltpu.SMEM)
     out_shape = [
         jax.ShapeDtypeStruct((lay.b, lay.x, lay.y), update_dtype),
-        jax.ShapeDtypeStruct((lay.b, 3, lay.x, lay.y), acc.m.dtype),
-        jax.ShapeDtypeStruct((lay.b, lay.x, 1, lay.y), acc.v.dtype),
+        jax.ShapeDtypeStruct((lay.b, 3, lay.x, lay.y), dtypes.m),
+        jax.ShapeDtypeStruct((lay.b, lay.x, 1, lay.y), dtypes.v),
     ]
     out_specs = [sp["full"], sp["dec"], sp["rms"]]
     if lay.factored:
@@ -864,7 +865,7 @@ def phase_c(
                     sp["xvec"](3), sp["yvec"](3), sp["xvec"](hidden), sp["yvec"](hidden)]  # fmt: skip
         aliases = {3: 1, 4: 2}
     else:
-        out_shape.append(jax.ShapeDtypeStruct((1, 3, 1, lay.y), acc.v_diag.dtype))
+        out_shape.append(jax.ShapeDtypeStruct((1, 3, 1, lay.y), dtypes.v_diag))
         out_specs.append(sp["dec"])
         in_specs = [smem, sp["full"], sp["full"], sp["dec"], sp["rms"], sp["dec"]]
         aliases = {3: 1, 4: 2, 5: 3}
@@ -902,8 +903,8 @@ def phase_c(
         v_new = _rms_from_view(outs[2], lay)
         if lay.factored:
             new.append(param_net.Accumulators(
-                m_new, v_new, a.v_row[k].astype(acc.v_row.dtype),
-                a.v_col[k].astype(acc.v_col.dtype), None,
+                m_new, v_new, a.v_row[k].astype(dtypes.v_row),
+                a.v_col[k].astype(dtypes.v_col), None,
             ))  # fmt: skip
         else:
             new.append(param_net.Accumulators(
