@@ -1,21 +1,16 @@
 """`benchmarks/compile_parts.py` (per-tensor compile time of VeLO's parts):
 its CPU mode runs end to end on this host and prints one row per part."""
 
-import importlib.util
-import pathlib
 import re
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "compile_parts.py"
+from tests import benchmark_scripts
 
 
 @pytest.fixture(scope="module")
 def compile_parts():
-    spec = importlib.util.spec_from_file_location("compile_parts", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("compile_parts")
 
 
 def test_cpu_rows(compile_parts, capsys):

@@ -1,20 +1,14 @@
 """`benchmarks/tpu_aot.py`'s HBM-traffic count on hand-written HLO text: the
 figure BENCHMARKS.md's "HBM bytes" column rests on."""
 
-import importlib.util
-import pathlib
-
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "tpu_aot.py"
+from tests import benchmark_scripts
 
 
 @pytest.fixture(scope="module")
 def tpu_aot():
-    spec = importlib.util.spec_from_file_location("tpu_aot", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("tpu_aot")
 
 
 HLO = """HloModule m
