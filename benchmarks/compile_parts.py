@@ -43,20 +43,17 @@ def _shape(spec: str) -> tuple[int, ...]:
 
 
 def _accumulators(shape, sds):
-    """ShapeDtypeStructs of one tensor's lifted accumulators (f32)."""
+    """ShapeDtypeStructs of one tensor's lifted accumulators (f32), shaped as
+    `accumulators.init_all` makes them."""
+    import jax
     import jax.numpy as jnp
 
     from velo_scale._src import accumulators, param_net
 
-    m, v = sds(shape + (3,), jnp.float32), sds(shape + (1,), jnp.float32)
-    dims = accumulators.factored_dims(shape)
-    if dims is None:
-        return param_net.Accumulators(m, v, None, None, sds(shape + (3,), jnp.float32))
-    d1, d0 = dims
-    row = tuple(s for i, s in enumerate(shape) if i != d0) + (3,)
-    col = tuple(s for i, s in enumerate(shape) if i != d1) + (3,)
+    zeros = jax.ShapeDtypeStruct(shape, jnp.float32)
+    acc = jax.eval_shape(lambda z: accumulators.init_all(jnp.zeros_like(z)), zeros)
     return param_net.Accumulators(
-        m, v, sds(row, jnp.float32), sds(col, jnp.float32), None
+        *(None if x is None else sds(x.shape, x.dtype) for x in acc)
     )
 
 
@@ -76,16 +73,21 @@ def _part(part: str, shape: tuple[int, ...], k: int, sds, theta, on_tpu: bool = 
     if part == "phase_a":
         return (lambda ps, gs, accs: vp.phase_a(ps, gs, accs)), (ps, ps, accs)
     if part == "phase_ac":
-        hidden, layers = 4, 2  # the official per-parameter MLP
-        size = (param_net.NUM_PARAM_FEATURES * hidden + hidden + hidden * hidden
-                + hidden + hidden * 2 + 2 + 2)  # fmt: skip
+        # The per-tensor MLP weights phase B would give (the bank's shapes),
+        # packed as the Pallas step packs them.
+        bank = theta["ff_mod_stack"]["~"]
+        mlps = {n: jax.ShapeDtypeStruct((k, *w.shape[1:]), w.dtype) for n, w in bank.items()}
+        mean_sq = jax.ShapeDtypeStruct((k, param_net.NUM_PARAM_FEATURES), jnp.float32)
+        w0 = jax.eval_shape(param_net.first_layer, mlps, mean_sq)
+        scale = jax.ShapeDtypeStruct((k,), jnp.float32)
+        weights = jax.eval_shape(lambda *a: vp.pack_weights(*a, True), mlps, w0, scale)
+        hidden, layers = w0.shape[-1], param_net.num_hidden_layers(mlps)
 
         def phase_ac(ps, gs, accs, weights, w0):
             a = vp.phase_a(ps, gs, accs)
             return vp.phase_c(weights, w0, ps, gs, accs, a, hidden=hidden, layers=layers)
 
-        args = (ps, ps, accs, sds((k, size), jnp.float32),
-                sds((k, param_net.NUM_PARAM_FEATURES, hidden), jnp.float32))  # fmt: skip
+        args = (ps, ps, accs, sds(weights.shape, weights.dtype), sds(w0.shape, w0.dtype))
         return phase_ac, args
     if part == "late_commit":
 
