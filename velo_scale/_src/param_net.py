@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from velo_scale._src import accumulators
+from velo_scale._src import accumulators, reductions
 
 # Channels of the 14 input groups, in the order of `w0__0 ... w0__13`.
 INPUT_GROUP_WIDTHS = (1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3)
@@ -85,8 +85,15 @@ def mean_squares(xs: list[jax.Array]) -> list[jax.Array]:
 
     A channel broadcast along some axes (the factored row/column channels) has
     the mean square of its own smaller array, so it is reduced at that size.
+    The full-size channels are summed together (`reductions.sums`: one pass
+    on CPU).
     """
-    return [jnp.mean(jnp.square(x)) for x in xs]
+    size = max(x.size for x in xs)
+    full = [i for i, x in enumerate(xs) if x.size == size]
+    out = [None if x.size == size else jnp.mean(jnp.square(x)) for x in xs]
+    for i, total in zip(full, reductions.sums([jnp.square(xs[i]) for i in full])):
+        out[i] = total / np.float32(size)
+    return out
 
 
 def feature_channels(p: jax.Array, g: jax.Array, acc: Accumulators) -> list[jax.Array]:

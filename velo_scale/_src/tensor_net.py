@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from velo_scale._src import reductions
+
 NUM_TENSOR_FEATURES = 30
 _TIME_EMBED_TIMESCALES = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
 _RANK_ONE_HOT = 5
@@ -62,6 +64,13 @@ def tensor_statistics(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
       |10 x|), -5, 5)` of the statistic of p, m, v scaled by
       `rsqrt(max(1e-9, mean(p**2)))`. Means are over all axes of the tensor.
     """
+    return jax.lax.platform_dependent(
+        p, m, v, cpu=_statistics_one_pass, default=_statistics
+    )
+
+
+def _statistics(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
+    """`tensor_statistics` as the reference spells it (XLA fuses the sums)."""
     norm = jax.lax.rsqrt(jnp.maximum(1e-9, jnp.mean(p * p)))
     m = m * norm
     v = v * norm
@@ -72,6 +81,27 @@ def tensor_statistics(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
     # Quirk kept for the pretrained weights: var_rms is centred on the momentum
     # mean (3 channels), which also makes the feature 3 wide instead of 1.
     var_rms = jnp.mean(jnp.square(v - mean_m), axis=axes)
+    return jnp.concatenate(
+        [_clip_log_abs(mean_rms), _clip_log_abs(var_m), _clip_log_abs(var_rms)]
+    )
+
+
+def _statistics_one_pass(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
+    """`_statistics` in two passes over the tensor (XLA:CPU): the sums, then
+    the centred sums of squares, each one reduction (`reductions.sums`)."""
+    n = np.float32(p.size)
+    m = [m[..., k] for k in range(m.shape[-1])]
+    v = v[..., 0]
+    sum_p2, *sum_m, sum_v = reductions.sums([p * p] + m + [v])
+    norm = jax.lax.rsqrt(jnp.maximum(1e-9, sum_p2 / n))
+    mean_m = [s / n * norm for s in sum_m]
+    centred = reductions.sums(
+        [jnp.square(mk * norm - mu) for mk, mu in zip(m, mean_m)]
+        + [jnp.square(v * norm - mu) for mu in mean_m]
+    )
+    var_m = jnp.stack(centred[:3]) / n
+    mean_rms = (sum_v / n * norm)[None]
+    var_rms = jnp.stack(centred[3:]) / n  # centred on the momentum mean
     return jnp.concatenate(
         [_clip_log_abs(mean_rms), _clip_log_abs(var_m), _clip_log_abs(var_rms)]
     )
