@@ -62,7 +62,10 @@ def sums_one_pass(xs: list[jax.Array]) -> list[jax.Array]:
     row_sums = jax.lax.reduce(
         rows, zeros, lambda a, b: [x + y for x, y in zip(a, b)], (rows[0].ndim - 1,)
     )
-    return [jnp.sum(r) for r in row_sums]
+    # The row sums (small) stacked and summed as one reduction, not one each
+    # (each a separate kernel for XLA:CPU to compile).
+    stacked = jnp.stack(row_sums)
+    return list(jnp.sum(stacked, axis=tuple(range(1, stacked.ndim))))
 
 
 def _mesh_axes(spec) -> tuple[str, ...]:
