@@ -25,6 +25,8 @@ many operands): the inputs are read once and nothing is kept.
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,11 +117,19 @@ def _rule(mesh, operand_types, result_types):
     return ", ".join([dims] * len(operand_types)) + " -> k"
 
 
-_sums_partitioned.def_partition(
-    partition=_partition,
-    infer_sharding_from_operands=_replicated,
-    sharding_rule=_rule,
+# The one-pass sums need a jax whose custom_partitioning takes a Shardy rule
+# (0.10 does). Older jax (the Pax lane's 0.4.30) hands `_partition`
+# shardings without mesh axes, which would gather the tensor: there `sums`
+# keeps the plain sums.
+ONE_PASS_SUPPORTED = (
+    "sharding_rule" in inspect.signature(custom_partitioning.def_partition).parameters
 )
+if ONE_PASS_SUPPORTED:
+    _sums_partitioned.def_partition(
+        partition=_partition,
+        infer_sharding_from_operands=_replicated,
+        sharding_rule=_rule,
+    )
 
 
 @jax.custom_batching.custom_vmap
@@ -144,7 +154,7 @@ def sums(xs: list[jax.Array]) -> list[jax.Array]:
     """The sum of each of the same-shape f32 arrays: on CPU `sums_one_pass`
     (partitioned: per shard, then a psum; under vmap the plain sums),
     elsewhere `jnp.sum` of each (resolved when lowering)."""
-    if len(xs) < 2:
+    if len(xs) < 2 or not ONE_PASS_SUPPORTED:
         return [jnp.sum(x) for x in xs]
 
     def one_pass():
