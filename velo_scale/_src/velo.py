@@ -386,9 +386,12 @@ def _cpu_barrier(x):
     well without it: with it and the one-pass statistics, the `10m` tree
     moved 17 HBM B/param more on v5e 2x2, so both are CPU only.
     """
-    return jax.lax.platform_dependent(
-        x, cpu=jax.lax.optimization_barrier, default=lambda y: y
-    )
+    # (jax.lax.optimization_barrier is not in every jax: without it,
+    # e.g. the Pax lane's 0.4.30, the step is the same, with more temp.)
+    barrier = getattr(jax.lax, "optimization_barrier", None)
+    if barrier is None:
+        return x
+    return jax.lax.platform_dependent(x, cpu=barrier, default=lambda y: y)
 
 
 class _PhaseB(NamedTuple):
