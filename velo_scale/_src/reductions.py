@@ -80,9 +80,12 @@ def _mesh_axes(spec) -> tuple[str, ...]:
     return tuple(axes)
 
 
-@custom_partitioning
-def _sums_partitioned(*xs):
+def _stacked_sums(*xs) -> jax.Array:
+    """f32[k], `sums_one_pass` of the k arrays."""
     return jnp.stack(sums_one_pass(list(xs)))
+
+
+_sums_partitioned = custom_partitioning(_stacked_sums)
 
 
 def _replicated(mesh, arg_shapes, result_shape):
@@ -99,7 +102,7 @@ def _partition(mesh, arg_shapes, result_shape):
     arg = NamedSharding(mesh, spec)
 
     def lower(*xs):
-        local = jnp.stack(sums_one_pass(list(xs)))
+        local = _stacked_sums(*xs)
         return jax.lax.psum(local, axes) if axes else local
 
     return (
@@ -142,12 +145,14 @@ def _sums_cpu_vmap(axis_size, in_batched, *xs):
     # Under vmap (ES's perturbations, velo_step's groups of small tensors):
     # each array's sums over its own axes, f32[B, k] (custom_partitioning
     # has no batching rule).
-    xs = [
-        x if b else jnp.broadcast_to(x, (axis_size,) + x.shape)
+    # An unbatched array is summed once, not once per batch row.
+    out = [
+        jnp.sum(x, axis=tuple(range(1, x.ndim)))
+        if b
+        else jnp.broadcast_to(jnp.sum(x), (axis_size,))
         for x, b in zip(xs, in_batched)
     ]
-    out = jnp.stack([jnp.sum(x, axis=tuple(range(1, x.ndim))) for x in xs], axis=-1)
-    return out, True
+    return jnp.stack(out, axis=-1), True
 
 
 def sums(xs: list[jax.Array]) -> list[jax.Array]:

@@ -69,6 +69,13 @@ def tensor_statistics(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
     )
 
 
+def _log_statistics(mean_rms, var_m, var_rms) -> jax.Array:
+    """f32[7], the statistics log-scaled (`_clip_log_abs`), in feature order."""
+    return jnp.concatenate(
+        [_clip_log_abs(mean_rms), _clip_log_abs(var_m), _clip_log_abs(var_rms)]
+    )
+
+
 def _statistics(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
     """`tensor_statistics` as the reference spells it (XLA fuses the sums)."""
     norm = jax.lax.rsqrt(jnp.maximum(1e-9, jnp.mean(p * p)))
@@ -81,9 +88,7 @@ def _statistics(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
     # Quirk kept for the pretrained weights: var_rms is centred on the momentum
     # mean (3 channels), which also makes the feature 3 wide instead of 1.
     var_rms = jnp.mean(jnp.square(v - mean_m), axis=axes)
-    return jnp.concatenate(
-        [_clip_log_abs(mean_rms), _clip_log_abs(var_m), _clip_log_abs(var_rms)]
-    )
+    return _log_statistics(mean_rms, var_m, var_rms)
 
 
 def _statistics_one_pass(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
@@ -102,9 +107,7 @@ def _statistics_one_pass(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
     var_m = jnp.stack(centred[:3]) / n
     mean_rms = (sum_v / n * norm)[None]
     var_rms = jnp.stack(centred[3:]) / n  # centred on the momentum mean
-    return jnp.concatenate(
-        [_clip_log_abs(mean_rms), _clip_log_abs(var_m), _clip_log_abs(var_rms)]
-    )
+    return _log_statistics(mean_rms, var_m, var_rms)
 
 
 def assemble_features(
