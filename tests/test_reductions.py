@@ -119,3 +119,52 @@ def test_cpu_update_keeps_no_parameter_sized_temporaries():
     )
     n = sum(int(np.prod(s)) for s in shapes.values())
     assert compiled.memory_analysis().temp_size_in_bytes / n <= 8.0
+
+
+def _phase_a_inputs(shape, seed=3):
+    from velo_scale._src import accumulators, param_net
+
+    rng = np.random.RandomState(seed)
+    p = jnp.asarray(rng.randn(*shape), jnp.float32)
+    g = jnp.asarray(rng.randn(*shape) * 0.1, jnp.float32)
+    acc = param_net.Accumulators(*accumulators.init_all(jnp.zeros_like(p)))
+    # A few steps so that every accumulator (factored or diagonal) is nonzero.
+    for _ in range(3):
+        acc = param_net.update_accumulators(g, acc)
+    return p, g, acc
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (6, 5, 16), (200,), (1,)])
+def test_channel_mean_squares_cpu_form_equals_per_channel_form(shape):
+    # The CPU form reduces the small channels of one shape stacked and
+    # assembles one vector; XLA:TPU/GPU take one mean per channel.
+    from velo_scale._src import param_net
+
+    p, g, acc = _phase_a_inputs(shape)
+    chans = param_net.feature_channels(p, g, acc)
+    stacked = jax.jit(lambda *c: param_net._mean_squares_stacked(*c))(*chans)
+    each = jax.jit(lambda *c: param_net._mean_squares_each(*c))(*chans)
+    want = [np.mean(np.square(np.asarray(c, np.float64))) for c in chans]
+    assert stacked.shape == (30,)
+    np.testing.assert_allclose(np.asarray(stacked), want, rtol=2e-6)
+    np.testing.assert_allclose(np.asarray(stacked), np.asarray(each), rtol=2e-6)
+
+
+@_NEEDS_ONE_PASS
+def test_cpu_phase_a_is_a_few_kernels_per_tensor():
+    # XLA:CPU compiles every fusion separately: phase A of one factored
+    # tensor was ~80 of them (a reduction and a division per channel mean),
+    # now the sums and the per-tensor arithmetic stay vectors.
+    from velo_scale._src import param_net, tensor_net
+
+    def phase_a(p, g, acc):
+        new = param_net.update_accumulators(g, acc)
+        return (
+            tensor_net.tensor_statistics(p, acc.m, acc.v),
+            param_net.channel_mean_squares(p, g, new),
+        )
+
+    p, g, acc = _phase_a_inputs((320, 1280))
+    hlo = jax.jit(phase_a).lower(p, g, acc).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY") :]
+    assert len(re.findall(r" fusion\(", entry)) <= 35

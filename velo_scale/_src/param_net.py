@@ -80,20 +80,50 @@ class Accumulators(NamedTuple):
     v_diag: jax.Array
 
 
-def mean_squares(xs: list[jax.Array]) -> list[jax.Array]:
-    """`mean(x**2)` of each channel over the tensor.
+def mean_squares(xs: list[jax.Array]) -> jax.Array:
+    """f32[len(xs)], `mean(x**2)` of each channel over the tensor.
 
     A channel broadcast along some axes (the factored row/column channels) has
     the mean square of its own smaller array, so it is reduced at that size.
-    The full-size channels are summed together (`reductions.sums`: one pass
-    on CPU).
+    The full-size channels are summed together (`reductions.stacked_sums`:
+    one pass on CPU).
     """
+    return jax.lax.platform_dependent(
+        *xs, cpu=_mean_squares_stacked, default=_mean_squares_each
+    )
+
+
+def _mean_squares_each(*xs: jax.Array) -> jax.Array:
+    # XLA:TPU and XLA:GPU fuse these sibling reductions themselves.
     size = max(x.size for x in xs)
     full = [i for i, x in enumerate(xs) if x.size == size]
     out = [None if x.size == size else jnp.mean(jnp.square(x)) for x in xs]
     for i, total in zip(full, reductions.sums([jnp.square(xs[i]) for i in full])):
         out[i] = total / np.float32(size)
-    return out
+    return jnp.stack(out)
+
+
+def _mean_squares_stacked(*xs: jax.Array) -> jax.Array:
+    # XLA:CPU compiles a kernel for every small reduction and every scalar
+    # used alone (~60 per factored tensor with `_mean_squares_each`): the
+    # small channels of one shape are reduced as one stacked array and the
+    # result is assembled as one vector (~10 kernels).
+    size = max(x.size for x in xs)
+    full = [i for i, x in enumerate(xs) if x.size == size]
+    parts = [reductions.stacked_sums([jnp.square(xs[i]) for i in full]) / size]
+    order = list(full)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(xs):
+        if x.size != size:
+            by_shape.setdefault(x.shape, []).append(i)
+    for idx in by_shape.values():
+        stacked = jnp.stack([xs[i] for i in idx])
+        parts.append(jnp.mean(jnp.square(stacked), axis=tuple(range(1, stacked.ndim))))
+        order += idx
+    out = jnp.concatenate(parts)
+    if order == sorted(order):
+        return out
+    return out[np.argsort(order)]
 
 
 def feature_channels(p: jax.Array, g: jax.Array, acc: Accumulators) -> list[jax.Array]:
@@ -167,7 +197,7 @@ def channel_mean_squares(p: jax.Array, g: jax.Array, acc: Accumulators) -> jax.A
       p: f32[*s] previous params, g: f32[*s] clipped gradient (rank >= 1).
       acc: the *updated* accumulators.
     """
-    return jnp.stack(mean_squares(feature_channels(p, g, acc)))
+    return mean_squares(feature_channels(p, g, acc))
 
 
 def first_layer(mlps: Mapping[str, jax.Array], mean_sq: jax.Array) -> jax.Array:

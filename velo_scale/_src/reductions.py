@@ -155,16 +155,22 @@ def _sums_cpu_vmap(axis_size, in_batched, *xs):
     return jnp.stack(out, axis=-1), True
 
 
-def sums(xs: list[jax.Array]) -> list[jax.Array]:
-    """The sum of each of the same-shape f32 arrays: on CPU `sums_one_pass`
-    (partitioned: per shard, then a psum; under vmap the plain sums),
-    elsewhere `jnp.sum` of each (resolved when lowering)."""
+def stacked_sums(xs: list[jax.Array]) -> jax.Array:
+    """f32[k], the sum of each of the k same-shape f32 arrays: on CPU
+    `sums_one_pass` (partitioned: per shard, then a psum; under vmap the
+    plain sums), elsewhere `jnp.sum` of each (resolved when lowering).
+
+    Callers keep the result a vector: on XLA:CPU every scalar taken out of
+    it and used alone becomes a kernel of its own to compile.
+    """
     if len(xs) < 2 or not ONE_PASS_SUPPORTED:
-        return [jnp.sum(x) for x in xs]
-
-    def one_pass():
-        return list(_sums_cpu(*xs))
-
+        return jnp.stack([jnp.sum(x) for x in xs])
     return jax.lax.platform_dependent(
-        cpu=one_pass, default=lambda: [jnp.sum(x) for x in xs]
+        cpu=lambda: _sums_cpu(*xs),
+        default=lambda: jnp.stack([jnp.sum(x) for x in xs]),
     )
+
+
+def sums(xs: list[jax.Array]) -> list[jax.Array]:
+    """`stacked_sums` as a list of f32 scalars."""
+    return list(stacked_sums(xs))

@@ -93,21 +93,24 @@ def _statistics(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
 
 def _statistics_one_pass(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
     """`_statistics` in two passes over the tensor (XLA:CPU): the sums, then
-    the centred sums of squares, each one reduction (`reductions.sums`)."""
+    the centred sums of squares, each one reduction (`reductions.stacked_sums`).
+    The per-tensor arithmetic stays on vectors (one small kernel, not one per
+    statistic)."""
     n = np.float32(p.size)
-    m = [m[..., k] for k in range(m.shape[-1])]
+    k = m.shape[-1]
+    ms = [m[..., i] for i in range(k)]
     v = v[..., 0]
-    sum_p2, *sum_m, sum_v = reductions.sums([p * p] + m + [v])
-    norm = jax.lax.rsqrt(jnp.maximum(1e-9, sum_p2 / n))
-    mean_m = [s / n * norm for s in sum_m]
-    centred = reductions.sums(
-        [jnp.square(mk * norm - mu) for mk, mu in zip(m, mean_m)]
-        + [jnp.square(v * norm - mu) for mu in mean_m]
+    totals = reductions.stacked_sums([p * p] + ms + [v])  # f32[k + 2]
+    norm = jax.lax.rsqrt(jnp.maximum(1e-9, totals[0] / n))
+    mean_m = totals[1 : k + 1] / n * norm  # f32[k]
+    # f32[2k]: var_m, then var_rms (centred on the momentum mean).
+    centred_sums = reductions.stacked_sums(
+        [jnp.square(mi * norm - mean_m[i]) for i, mi in enumerate(ms)]
+        + [jnp.square(v * norm - mean_m[i]) for i in range(k)]
     )
-    var_m = jnp.stack(centred[:3]) / n
-    mean_rms = (sum_v / n * norm)[None]
-    var_rms = jnp.stack(centred[3:]) / n  # centred on the momentum mean
-    return _log_statistics(mean_rms, var_m, var_rms)
+    centred = centred_sums / n
+    mean_rms = totals[k + 1 :] / n * norm
+    return _log_statistics(mean_rms, centred[:k], centred[k:])
 
 
 def assemble_features(
