@@ -54,11 +54,12 @@ def _rows(x: jax.Array) -> jax.Array:
     return x if c is None else x.reshape(x.size // c, c)
 
 
-def sums_one_pass(xs: list[jax.Array]) -> list[jax.Array]:
-    """`[jnp.sum(x) for x in xs]` (f32 arrays of one shape) as one variadic
-    reduction over the last axis (`_rows`), then a sum of the row sums."""
+def sums_one_pass(xs: list[jax.Array]) -> jax.Array:
+    """f32[k], `[jnp.sum(x) for x in xs]` (f32 arrays of one shape) as one
+    variadic reduction over the last axis (`_rows`), then a sum of the row
+    sums."""
     if len(xs) < 2:
-        return [jnp.sum(x) for x in xs]
+        return jnp.stack([jnp.sum(x) for x in xs])
     rows = [_rows(x) for x in xs]
     zeros = [np.float32(0)] * len(rows)
     row_sums = jax.lax.reduce(
@@ -67,7 +68,7 @@ def sums_one_pass(xs: list[jax.Array]) -> list[jax.Array]:
     # The row sums (small) stacked and summed as one reduction, not one each
     # (each a separate kernel for XLA:CPU to compile).
     stacked = jnp.stack(row_sums)
-    return list(jnp.sum(stacked, axis=tuple(range(1, stacked.ndim))))
+    return jnp.sum(stacked, axis=tuple(range(1, stacked.ndim)))
 
 
 def _mesh_axes(spec) -> tuple[str, ...]:
@@ -82,7 +83,7 @@ def _mesh_axes(spec) -> tuple[str, ...]:
 
 def _stacked_sums(*xs) -> jax.Array:
     """f32[k], `sums_one_pass` of the k arrays."""
-    return jnp.stack(sums_one_pass(list(xs)))
+    return sums_one_pass(list(xs))
 
 
 _sums_partitioned = custom_partitioning(_stacked_sums)
