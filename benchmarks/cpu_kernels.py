@@ -1,0 +1,165 @@
+"""Where a compiled update's time goes on XLA:CPU, kernel by kernel.
+
+Compiles `velo(...).update` and `optax.adamw(...).update` for one tree (the
+trees of `update_step.py`), runs each `--repeats` times under
+`jax.profiler` (perfetto trace) and prints, per step:
+
+* the wall time of the step;
+* the kernels' own time, summed over XLA:CPU's worker threads (a kernel
+  split across the 2 cores counts both halves, so this sum can exceed the
+  wall time);
+* a table of VeLO's kernels grouped by role: the fusion's name without its
+  numeric suffix (`multiply_negate_fusion.3` -> `multiply_negate_fusion`),
+  with the count per step, thread-ms per step, share of the total, and the
+  `op_name` of one of them from the compiled HLO's metadata (which says
+  which JAX operation the fusion ends in: `.../reduce`, `.../select_n`).
+
+The grouping is XLA's naming, not VeLO's phases; the `op_name` column ties
+a group to the code. Numbers from one run only: on a shared 2-core host a
+kernel's time varies by up to ~30% between runs, so compare within a run.
+
+Usage:
+  JAX_PLATFORMS=cpu python benchmarks/cpu_kernels.py [--tree 10m]
+      [--repeats 5] [--top 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import update_step  # noqa: E402  (a sibling script, not a package)
+
+_SUFFIX = re.compile(r"\.\d+$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = (.*)$", re.MULTILINE)
+_OP_NAME = re.compile(r'metadata=\{op_name="([^"]*)"')
+
+
+def kernel_names(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> the `op_name` of its metadata ("" without), from
+    HLO text: every instruction, so that kernels XLA made without metadata
+    (`wrapped_reduce-window`) are counted too."""
+    names = {}
+    for name, rest in _INSTRUCTION.findall(hlo_text):
+        op = _OP_NAME.search(rest)
+        names[name] = op.group(1) if op else ""
+    return names
+
+
+def _kernel_events(trace_dir: str, names: dict[str, str]) -> list[tuple[str, float]]:
+    """(kernel name, duration in µs) of every kernel event in the trace."""
+    files = sorted(glob.glob(f"{trace_dir}/**/*.json.gz", recursive=True))
+    if not files:
+        raise RuntimeError(f"jax.profiler wrote no perfetto trace under {trace_dir}")
+    data = json.load(gzip.open(files[-1]))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    return [
+        (e["name"], float(e.get("dur", 0.0)))
+        for e in events
+        if e.get("ph") == "X" and e.get("name") in names
+    ]
+
+
+def profile(compiled, args, repeats: int) -> dict:
+    """Wall ms per step and kernel thread-ms per step, grouped by role."""
+    names = kernel_names(compiled.as_text())
+    for _ in range(2):
+        jax.block_until_ready(compiled(*args))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            jax.block_until_ready(compiled(*args))
+        wall_ms = 1e3 * (time.perf_counter() - start) / repeats
+        jax.profiler.stop_trace()
+        events = _kernel_events(trace_dir, names)
+    if not events:
+        raise RuntimeError(
+            "the trace has no kernel events named as in the compiled HLO; "
+            "this jax's profiler may not trace XLA:CPU kernels"
+        )
+    total = collections.Counter()
+    count = collections.Counter()
+    example = {}
+    for name, dur in events:
+        group = _SUFFIX.sub("", name)
+        total[group] += dur / 1e3 / repeats
+        count[group] += 1
+        example.setdefault(group, names[name])
+    return {
+        "wall_ms": wall_ms,
+        "kernel_ms": sum(total.values()),
+        "groups": [
+            {
+                "kernel": group,
+                "per_step": count[group] / repeats,
+                "thread_ms": ms,
+                "op_name": example[group],
+            }
+            for group, ms in total.most_common()
+        ],
+    }
+
+
+def compile_update(opt_name: str, tree: str, weights: str):
+    """The compiled update of `update_step`'s optimizer on `tree`, and its args."""
+    shapes = update_step.tree_shapes(tree)
+    key_p, key_g = jax.random.split(jax.random.PRNGKey(0))
+    params = update_step.random_tree(shapes, key_p, 0.02)
+    grads = update_step.random_tree(shapes, key_g, 1.0)
+    tx = update_step.make_optimizer(opt_name, weights)
+    state = jax.block_until_ready(tx.init(params))
+    if opt_name == "velo":
+        loss = jnp.float32(2.5)
+        fn = lambda g, s, p: tx.update(g, s, p, loss=loss)  # noqa: E731
+    else:
+        fn = lambda g, s, p: tx.update(g, s, p)  # noqa: E731
+    args = (grads, state, params)
+    return jax.jit(fn).lower(*args).compile(), args
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tree", default="10m", choices=update_step.TREES)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--weights", default=str(update_step.DEFAULT_WEIGHTS))
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    results = {}
+    for opt_name in ("adamw", "velo"):
+        compiled, call_args = compile_update(opt_name, args.tree, args.weights)
+        results[opt_name] = profile(compiled, call_args, args.repeats)
+    a, v = results["adamw"], results["velo"]
+    print(f"machine: {update_step.machine_info()}")
+    print(
+        f"tree {args.tree}: step wall ms AdamW {a['wall_ms']:.2f}, VeLO "
+        f"{v['wall_ms']:.2f} ({v['wall_ms'] / a['wall_ms']:.1f}x); kernel "
+        f"thread-ms AdamW {a['kernel_ms']:.2f}, VeLO {v['kernel_ms']:.2f}"
+    )
+    print()
+    print("| VeLO kernel group | per step | thread-ms / step | share | op_name (one) |")
+    print("|---|---|---|---|---|")
+    for g in v["groups"][: args.top]:
+        print(
+            f"| {g['kernel']} | {g['per_step']:.0f} | {g['thread_ms']:.2f} "
+            f"| {100 * g['thread_ms'] / v['kernel_ms']:.1f}% | {g['op_name'] or '(none)'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""`benchmarks/cpu_kernels.py` (where a compiled update's CPU time goes)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from tests import benchmark_scripts
+
+
+@pytest.fixture(scope="module")
+def cpu_kernels():
+    return benchmark_scripts.load("cpu_kernels")
+
+
+def test_kernel_names_read_the_hlo_metadata(cpu_kernels):
+    fn = jax.jit(lambda x: jnp.sum(jnp.exp(x) * 2.0))
+    text = fn.lower(jnp.ones(64)).compile().as_text()
+    names = cpu_kernels.kernel_names(text)
+    # Every instruction of the compiled module is named, with its op_name
+    # where the HLO has one.
+    assert len(names) == text.count(" = ")
+    fusions = {n: op for n, op in names.items() if "fusion" in n}
+    assert fusions
+    assert any(op.startswith("jit(<lambda>)/") for op in fusions.values())
+
+
+def test_profile_groups_add_up_to_the_kernel_time(cpu_kernels):
+    compiled, args = cpu_kernels.compile_update(
+        "velo", "1m", str(cpu_kernels.update_step.DEFAULT_WEIGHTS)
+    )
+    result = cpu_kernels.profile(compiled, args, repeats=1)
+    groups = result["groups"]
+    assert groups and result["wall_ms"] > 0
+    assert sum(g["thread_ms"] for g in groups) == pytest.approx(result["kernel_ms"])
+    # The per-parameter MLP's fusion (it ends in the update's negation) is
+    # among the kernels and takes a real share of the step.
+    mlp = [g for g in groups if g["op_name"].endswith("/neg")]
+    assert mlp and max(g["thread_ms"] for g in mlp) > 0
+
+
+def test_repeats_must_be_positive(cpu_kernels):
+    with pytest.raises(SystemExit):
+        cpu_kernels.main(["--tree", "1m", "--repeats", "0"])
