@@ -108,9 +108,25 @@ def _mean_squares_stacked(*xs: jax.Array) -> jax.Array:
     # used alone (~60 per factored tensor with `_mean_squares_each`): the
     # small channels of one shape are reduced as one stacked array and the
     # result is assembled as one vector (~10 kernels).
+    return mean_squares_and_sums(list(xs), [])[0]
+
+
+def mean_squares_and_sums(
+    xs: list[jax.Array], extra: list[jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    """(f32[len(xs)] `mean_squares(xs)` in its CPU form, f32[len(extra)] the
+    sums of `extra`, arrays of the channels' full size summed in the same
+    one-pass reduction as the full-size channels' squares)."""
     size = max(x.size for x in xs)
     full = [i for i, x in enumerate(xs) if x.size == size]
-    parts = [reductions.stacked_sums([jnp.square(xs[i]) for i in full]) / size]
+    if any(x.size != size for x in extra):
+        raise ValueError("extra sums must have the channels' full size")
+    sums = reductions.stacked_sums(
+        [jnp.square(xs[i]) for i in full]
+        + [x.reshape(xs[full[0]].shape) for x in extra]
+    )
+    extra_sums = sums[len(full) :]
+    parts = [sums[: len(full)] / size]
     order = list(full)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, x in enumerate(xs):
@@ -121,9 +137,9 @@ def _mean_squares_stacked(*xs: jax.Array) -> jax.Array:
         parts.append(jnp.mean(jnp.square(stacked), axis=tuple(range(1, stacked.ndim))))
         order += idx
     out = jnp.concatenate(parts)
-    if order == sorted(order):
-        return out
-    return out[np.argsort(order)]
+    if order != sorted(order):
+        out = out[np.argsort(order)]
+    return out, extra_sums
 
 
 def feature_channels(p: jax.Array, g: jax.Array, acc: Accumulators) -> list[jax.Array]:

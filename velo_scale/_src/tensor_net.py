@@ -96,20 +96,51 @@ def _statistics_one_pass(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
     the centred sums of squares, each one reduction (`reductions.stacked_sums`).
     The per-tensor arithmetic stays on vectors (one small kernel, not one per
     statistic)."""
-    n = np.float32(p.size)
+    totals = statistics_totals(p, m, v)
+    centred_sums = reductions.stacked_sums(centred_terms(p, m, v, totals))
+    return statistics_from_sums(p, m, totals, centred_sums)
+
+
+def statistics_totals(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
+    """f32[k + 2], the first pass of `tensor_statistics` (CPU form): the sums
+    of p**2, of each momentum channel (k) and of v, as one reduction."""
     k = m.shape[-1]
-    ms = [m[..., i] for i in range(k)]
-    v = v[..., 0]
-    totals = reductions.stacked_sums([p * p] + ms + [v])  # f32[k + 2]
-    norm = jax.lax.rsqrt(jnp.maximum(1e-9, totals[0] / n))
-    mean_m = totals[1 : k + 1] / n * norm  # f32[k]
-    # f32[2k]: var_m, then var_rms (centred on the momentum mean).
-    centred_sums = reductions.stacked_sums(
-        [jnp.square(mi * norm - mean_m[i]) for i, mi in enumerate(ms)]
-        + [jnp.square(v * norm - mean_m[i]) for i in range(k)]
+    return reductions.stacked_sums(
+        [p * p] + [m[..., i] for i in range(k)] + [v[..., 0]]
     )
-    centred = centred_sums / n
-    mean_rms = totals[k + 1 :] / n * norm
+
+
+def _normalised_mean_m(p: jax.Array, totals: jax.Array):
+    """(`rsqrt(max(1e-9, mean(p**2)))`, f32[k] the normalised momentum means)."""
+    n = np.float32(p.size)
+    norm = jax.lax.rsqrt(jnp.maximum(1e-9, totals[0] / n))
+    return norm, totals[1:-1] / n * norm
+
+
+def centred_terms(
+    p: jax.Array, m: jax.Array, v: jax.Array, totals: jax.Array
+) -> list[jax.Array]:
+    """The 2k arrays whose sums are the second pass of `tensor_statistics`:
+    the squared deviations of each normalised momentum channel, then of the
+    normalised rms, from the momentum means (`totals` from
+    `statistics_totals`). Summed alone or with other same-shape sums."""
+    norm, mean_m = _normalised_mean_m(p, totals)
+    ms = [m[..., i] for i in range(m.shape[-1])]
+    v = v[..., 0]
+    return [jnp.square(mi * norm - mean_m[i]) for i, mi in enumerate(ms)] + [
+        jnp.square(v * norm - mean_m[i]) for i in range(len(ms))
+    ]
+
+
+def statistics_from_sums(
+    p: jax.Array, m: jax.Array, totals: jax.Array, centred_sums: jax.Array
+) -> jax.Array:
+    """f32[7] `tensor_statistics` from the two passes' sums (`totals`, and
+    f32[2k] the sums of `centred_terms`)."""
+    k = m.shape[-1]
+    norm, _ = _normalised_mean_m(p, totals)
+    centred = centred_sums / np.float32(p.size)
+    mean_rms = totals[k + 1 :] / np.float32(p.size) * norm
     return _log_statistics(mean_rms, centred[:k], centred[k:])
 
 

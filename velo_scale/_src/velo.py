@@ -13,6 +13,7 @@ One VeLO step (paper App. B, reference: learned_optimization `HyperV2`):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -293,11 +294,7 @@ def velo_step(
     state_leaves, old = _state_fields(treedef, state, active)
 
     def inputs(i, raw_p, raw_g, raw_acc):
-        # Tensor i's f32 (lifted) p, clipped g and accumulators.
-        p = jnp.asarray(raw_p, jnp.float32).reshape(lift[i])
-        g = jnp.asarray(raw_g, jnp.float32).reshape(lift[i])
-        g = jnp.clip(g, -GRADIENT_CLIP, GRADIENT_CLIP)
-        return p, g, _lift_accumulators(raw_acc, shapes[i] == ())
+        return _lifted_inputs(raw_p, raw_g, raw_acc, lift[i], shapes[i] == ())
 
     lifted = [inputs(k, all_p[i], all_g[i], old[k]) for k, i in enumerate(active)]
     p_leaves, g_leaves, acc_leaves = ([x[j] for x in lifted] for j in range(3))
@@ -314,9 +311,11 @@ def velo_step(
     # state (LSTM inputs), the accumulator update and the mean squares of the
     # 30 MLP input channels.
     def phase_a(p, g, acc):
-        stats = tensor_net.tensor_statistics(p, acc.m, acc.v)
         new = param_net.update_accumulators(g, acc)
-        return stats, new, param_net.channel_mean_squares(p, g, new)
+        stats, mean_sq = jax.lax.platform_dependent(
+            p, g, acc, new, cpu=_phase_a_sums_merged, default=_phase_a_sums
+        )
+        return stats, new, mean_sq
 
     stats, mean_sq, new = [None] * n, [None] * n, [None] * n
     for idx in groups:
@@ -375,6 +374,28 @@ def velo_step(
     return full_updates, new_state, b.intermediates(fraction, loss_feats)
 
 
+def _phase_a_sums(p, g, acc, new):
+    """Phase A's tensor-wide sums of one tensor: (f32[7] the LSTM statistics
+    of the previous state, f32[30] the MLP channels' mean squares)."""
+    return (
+        tensor_net.tensor_statistics(p, acc.m, acc.v),
+        param_net.channel_mean_squares(p, g, new),
+    )
+
+
+def _phase_a_sums_merged(p, g, acc, new):
+    """`_phase_a_sums` in two passes over the tensor (XLA:CPU), not three:
+    the statistics' first sums, then their centred sums together with the
+    channels' sums of squares, as one reduction (the same sums, each summed
+    in the same order)."""
+    totals = tensor_net.statistics_totals(p, acc.m, acc.v)
+    mean_sq, centred_sums = param_net.mean_squares_and_sums(
+        param_net.feature_channels(p, g, new),
+        tensor_net.centred_terms(p, acc.m, acc.v, totals),
+    )
+    return tensor_net.statistics_from_sums(p, acc.m, totals, centred_sums), mean_sq
+
+
 def _cpu_barrier(x):
     """`x` behind an optimization barrier on CPU, `x` elsewhere.
 
@@ -386,12 +407,14 @@ def _cpu_barrier(x):
     well without it: with it and the one-pass statistics, the `10m` tree
     moved 17 HBM B/param more on v5e 2x2, so both are CPU only.
     """
-    # (jax.lax.optimization_barrier is not in every jax: without it,
-    # e.g. the Pax lane's 0.4.30, the step is the same, with more temp.)
+    return jax.lax.platform_dependent(x, cpu=_barrier, default=lambda y: y)
+
+
+def _barrier(x):
+    """`jax.lax.optimization_barrier(x)`; `x` in a jax without it (the Pax
+    lane's 0.4.30: the step is the same there, with more temp)."""
     barrier = getattr(jax.lax, "optimization_barrier", None)
-    if barrier is None:
-        return x
-    return jax.lax.platform_dependent(x, cpu=barrier, default=lambda y: y)
+    return x if barrier is None else barrier(x)
 
 
 class _PhaseB(NamedTuple):
@@ -486,12 +509,53 @@ def _scatter(treedef, all_p, active, state_leaves, updates, new):
     the 5 per-parameter state fields as pytrees).
     """
     full_updates = [jnp.zeros_like(p) for p in all_p]
-    fields = [list(f) for f in state_leaves]
     for k, i in enumerate(active):
         full_updates[i] = updates[k]
+    return treedef.unflatten(full_updates), _scatter_fields(
+        treedef, active, state_leaves, new
+    )
+
+
+def _scatter_fields(treedef, active, state_leaves, new):
+    """The 5 per-parameter state fields as pytrees, the trained tensors'
+    accumulators `new` (in `active` order) put back among all leaves."""
+    fields = [list(f) for f in state_leaves]
+    for k, i in enumerate(active):
         for f, value in zip(fields, new[k]):
             f[i] = value
-    return treedef.unflatten(full_updates), tuple(treedef.unflatten(f) for f in fields)
+    return tuple(treedef.unflatten(f) for f in fields)
+
+
+def _lifted_inputs(raw_p, raw_g, raw_acc, lift, scalar):
+    """One trained tensor's f32 p and clipped g reshaped to `lift`, and its
+    f32 (lifted) accumulators."""
+    p = jnp.asarray(raw_p, jnp.float32).reshape(lift)
+    g = jnp.asarray(raw_g, jnp.float32).reshape(lift)
+    g = jnp.clip(g, -GRADIENT_CLIP, GRADIENT_CLIP)
+    return p, g, _lift_accumulators(raw_acc, scalar)
+
+
+def updated_accumulators(state: VeLOState, grads: Any, params: Any):
+    """`(momentum, rms, factored)` of the state after one VeLO step on
+    `grads`, computed from the gradients and `state` alone.
+
+    The same values `velo_step` puts in its new state (the accumulators do
+    not depend on the per-tensor LSTM or the MLP). The CPU non-finite skip
+    (`skip_materialised`) computes them here, inside the branch that commits
+    a finite step, so that they are written once, straight into the new
+    state.
+    """
+    _, treedef, all_p, all_g, active, shapes, lift = _trained_leaves(params, grads)
+    state_leaves, old = _state_fields(treedef, state, active)
+    new = []
+    for k, i in enumerate(active):
+        scalar = shapes[k] == ()
+        _, g, acc = _lifted_inputs(all_p[i], all_g[i], old[k], lift[k], scalar)
+        new.append(
+            _lower_accumulators(param_net.update_accumulators(g, acc), scalar, old[k])
+        )
+    m, v, row, col, diag = _scatter_fields(treedef, active, state_leaves, new)
+    return m, v, FactoredState(v_row=row, v_col=col, v_diag=diag)
 
 
 def _lift_accumulators(
@@ -753,8 +817,17 @@ def velo(
                 if is_trained(p)
             ]
             inputs_finite = jnp.isfinite(loss) & _all_finite(trained_grads)
+            # Stepping every call, the CPU skip writes the accumulators once,
+            # recomputed in its commit branch; with accumulation, the step
+            # ran inside a cond, and the accumulators are selected.
+            recompute = None
+            if accumulate == 1:
+                step_grads = grads
+                recompute = lambda old: updated_accumulators(  # noqa: E731
+                    old, step_grads, params
+                )
             new_updates, state = _skip_unless_finite(
-                inputs_finite, new_updates, state, old_state
+                inputs_finite, new_updates, state, old_state, recompute
             )
         return new_updates, state
 
@@ -762,7 +835,11 @@ def velo(
 
 
 def _skip_unless_finite(
-    inputs_finite: jax.Array, updates: Any, state: VeLOState, old: VeLOState
+    inputs_finite: jax.Array,
+    updates: Any,
+    state: VeLOState,
+    old: VeLOState,
+    recompute: Any = None,
 ) -> tuple[Any, VeLOState]:
     """`updates, state` if `inputs_finite` and every update is finite, else
     zero updates and the old state with one more `nonfinite_steps`.
@@ -771,13 +848,22 @@ def _skip_unless_finite(
     XLA:TPU (and GPU) fuse plain `jnp.where`s with the update and the
     accumulators' update (`skip_fused`). XLA:CPU instead fuses the
     per-parameter MLP into each consumer of the updates (the finite check and
-    the select) and computes it three times per step, so on CPU the updates'
-    check and select run inside a `lax.cond`, whose operand XLA materialises
-    once (`skip_materialised`). Both give the same result.
+    the select) and computes it three times per step, and it writes the new
+    accumulators to a buffer of their own before selecting them: so on CPU
+    the updates' check runs inside a `lax.cond`, whose operand XLA
+    materialises once, and the accumulators are recomputed where they are
+    selected (`skip_materialised`). Both give the same result.
+
+    Args:
+      recompute: None, or `updated_accumulators` bound to the step's
+        gradients and params: a function of the old state giving the new
+        `(momentum, rms, factored)` (the same values `state` holds).
     """
     return jax.lax.platform_dependent(
-        inputs_finite, updates, state, old, cpu=skip_materialised, default=skip_fused
-    )
+        inputs_finite, updates, state, old,
+        cpu=functools.partial(skip_materialised, recompute=recompute),
+        default=skip_fused,
+    )  # fmt: skip
 
 
 def _zero_unless(finite, updates):
@@ -786,25 +872,31 @@ def _zero_unless(finite, updates):
     )
 
 
-def _keep_unless(finite, updates, state, old):
-    """Zero updates and the old state (one more `nonfinite_steps`) unless
-    `finite`: a non-finite step changes nothing else."""
-    zeros = _zero_unless(finite, updates)
+def _keep_unless(finite, state, old):
+    """The old state (one more `nonfinite_steps`) unless `finite`: a
+    non-finite step changes nothing else."""
     kept = jax.tree_util.tree_map(
         lambda new, prev: jnp.where(finite, new, prev), state, old
     )
-    return zeros, kept._replace(
+    return kept._replace(
         nonfinite_steps=old.nonfinite_steps + (~finite).astype(jnp.int32)
     )
 
 
 def skip_fused(inputs_finite, updates, state, old):
     """`_skip_unless_finite` as plain selects (TPU, GPU)."""
-    return _keep_unless(inputs_finite & _all_finite(updates), updates, state, old)
+    finite = inputs_finite & _all_finite(updates)
+    return _zero_unless(finite, updates), _keep_unless(finite, state, old)
 
 
-def skip_materialised(inputs_finite, updates, state, old):
-    """`_skip_unless_finite` with the updates' check in a `lax.cond` (CPU)."""
+def skip_materialised(inputs_finite, updates, state, old, recompute=None):
+    """`_skip_unless_finite` with conds (CPU).
+
+    The cond checks the updates (its operand, materialised once) and zeroes
+    them unless finite. With `recompute`, the accumulators are recomputed
+    from the gradients and the old state and selected in the same pass
+    (read once, written once); without, those of `state` are selected.
+    """
 
     def check(updates):
         finite = _all_finite(updates)
@@ -814,7 +906,14 @@ def skip_materialised(inputs_finite, updates, state, old):
         return jax.tree_util.tree_map(jnp.zeros_like, updates), jnp.zeros((), bool)
 
     updates, finite = jax.lax.cond(inputs_finite, check, skip, updates)
-    return _keep_unless(finite, updates, state, old)
+    if recompute is not None:
+        # Recomputed from the old state behind a barrier, the accumulators
+        # are not phase A's (which XLA would then write to a buffer of their
+        # own, for the select to read back): each field is one fused pass,
+        # the update and the select together.
+        momentum, rms, factored = recompute(_barrier(old))
+        state = state._replace(momentum=momentum, rms=rms, factored=factored)
+    return updates, _keep_unless(finite, state, old)
 
 
 def _accumulating_step(step_fn, accumulate, state, grads, params, loss):
