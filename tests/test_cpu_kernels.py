@@ -32,6 +32,11 @@ def test_profile_groups_add_up_to_the_kernel_time(cpu_kernels):
     groups = result["groups"]
     assert groups and result["wall_ms"] > 0
     assert sum(g["thread_ms"] for g in groups) == pytest.approx(result["kernel_ms"])
+    # A group's covered wall time is at most its thread time, and all of
+    # them together at most the step's (the trace only holds the steps).
+    for g in groups:
+        assert 0 < g["covered_ms"] <= g["thread_ms"] * (1 + 1e-9)
+    assert result["covered_ms"] <= result["wall_ms"] * (1 + 1e-9)
     # The per-parameter MLP's fusion (it ends in the update's negation) is
     # among the kernels and takes a real share of the step.
     mlp = [g for g in groups if g["op_name"].endswith("/neg")]
@@ -41,3 +46,17 @@ def test_profile_groups_add_up_to_the_kernel_time(cpu_kernels):
 def test_repeats_must_be_positive(cpu_kernels):
     with pytest.raises(SystemExit):
         cpu_kernels.main(["--tree", "1m", "--repeats", "0"])
+
+
+@pytest.mark.parametrize(
+    "intervals, covered",
+    [
+        ([], 0.0),
+        ([(0, 2)], 2.0),
+        ([(0, 2), (1, 3)], 3.0),  # overlapping: counted once
+        ([(5, 6), (0, 2), (1, 1.5)], 3.0),  # unsorted, nested, disjoint
+        ([(0, 1), (1, 2)], 2.0),  # touching
+    ],
+)
+def test_covered_is_the_union_of_the_spans(cpu_kernels, intervals, covered):
+    assert cpu_kernels.covered_us(intervals) == pytest.approx(covered)
