@@ -6,7 +6,10 @@ For each parameter tree this measures, per optimizer:
   `update(grads, state, params[, loss=loss])` (after 2 warm-up calls, each call
   followed by `jax.block_until_ready`; nothing donated), and the same with
   the state donated and each call's new state fed to the next, as a train
-  step runs (`donated`: the new state can reuse the old one's buffers);
+  step runs (`donated`: the new state can reuse the old one's buffers).
+  Both optimizers are timed in one process, one call of each in turn
+  (`run_paired`): a fresh process's first large arrays cost more, which
+  inflated AdamW's time by up to ~1.7x when each ran in its own;
 * compile time: `jax.jit(...).lower(...).compile()` wall time;
 * XLA temp bytes per parameter: `compiled.memory_analysis().temp_size_in_bytes`
   divided by the number of parameters (reported for VeLO);
@@ -145,7 +148,6 @@ def run_worker(opt_name: str, tree: str, repeats: int, weights: str) -> dict[str
         jax.block_until_ready(compiled(grads, state, params))
         times.append(time.perf_counter() - start)
 
-    donated_times = _donated_times(fn, grads, state, params, repeats)
     n_params = sum(int(np.prod(s)) for s in shapes.values())
     return {
         "optimizer": opt_name,
@@ -154,7 +156,6 @@ def run_worker(opt_name: str, tree: str, repeats: int, weights: str) -> dict[str
         "tensors": len(shapes),
         "update_ms": 1e3 * statistics.median(times),
         "update_ms_all": [1e3 * t for t in times],
-        "update_donated_ms": 1e3 * statistics.median(donated_times),
         "compile_s": compile_s,
         "temp_bytes": temp_bytes,
         "temp_bytes_per_param": None if temp_bytes is None else temp_bytes / n_params,
@@ -163,20 +164,54 @@ def run_worker(opt_name: str, tree: str, repeats: int, weights: str) -> dict[str
     }
 
 
-def _donated_times(fn, grads, state, params, repeats: int) -> list[float]:
-    """Seconds per call of `fn` compiled with the state donated and each
-    call's new state fed to the next, as a train step runs it: the new
-    state may then reuse the old one's buffers instead of fresh ones."""
-    compiled = jax.jit(fn, donate_argnums=(1,)).lower(grads, state, params).compile()
-    state = jax.tree_util.tree_map(jnp.copy, state)  # the caller's stays valid
-    times = []
-    for i in range(repeats + 2):
+def run_paired(tree: str, repeats: int, weights: str) -> dict[str, Any]:
+    """Both optimizers' update times in one process, call by call in turn.
+
+    A process's first large arrays cost more than later ones (in a fresh
+    process AdamW's `10m` update took 22-26 ms, then 14-15 ms once another
+    update had run in it; VeLO's moved less), so the times compared are
+    taken side by side: after 2 warm-up calls of each, `repeats` rounds of
+    one AdamW and one VeLO call, each undonated and donated (the state
+    donated and the new state fed to the next call, as a train step runs
+    it: the new state may then reuse the old one's buffers). Medians, ms.
+    """
+    shapes = tree_shapes(tree)
+    key_p, key_g = jax.random.split(jax.random.PRNGKey(0))
+    params = random_tree(shapes, key_p, 0.02)
+    grads = random_tree(shapes, key_g, 1.0)
+    loss = jnp.float32(2.5)
+    calls = {}
+    for opt_name in ("adamw", "velo"):
+        tx = make_optimizer(opt_name, weights)
+        if opt_name == "velo":
+            fn = lambda g, s, p, tx=tx: tx.update(g, s, p, loss=loss)  # noqa: E731
+        else:
+            fn = lambda g, s, p, tx=tx: tx.update(g, s, p)  # noqa: E731
+        state = jax.block_until_ready(tx.init(params))
+        for donated in (False, True):
+            jitted = jax.jit(fn, donate_argnums=(1,) if donated else ())
+            compiled = jitted.lower(grads, state, params).compile()
+            # The donated call gets (and then feeds back) its own state.
+            own = jax.tree_util.tree_map(jnp.copy, state) if donated else state
+            calls[opt_name, donated] = [compiled, own, donated, []]
+
+    def call(entry, record: bool) -> None:
+        compiled, state, donated, times = entry
         start = time.perf_counter()
-        updates, state = compiled(grads, state, params)
-        jax.block_until_ready((updates, state))
-        if i >= 2:  # after 2 warm-up calls
+        updates, new_state = compiled(grads, state, params)
+        jax.block_until_ready((updates, new_state))
+        if record:
             times.append(time.perf_counter() - start)
-    return times
+        if donated:
+            entry[1] = new_state
+
+    for i in range(repeats + 2):
+        for entry in calls.values():
+            call(entry, record=i >= 2)
+    return {
+        f"{opt}_{'donated_' if donated else ''}ms": 1e3 * statistics.median(entry[3])
+        for (opt, donated), entry in calls.items()
+    }
 
 
 def spawn_worker(opt_name: str, tree: str, repeats: int, weights: str) -> dict:
@@ -189,6 +224,17 @@ def spawn_worker(opt_name: str, tree: str, repeats: int, weights: str) -> dict:
             return json.loads(line[len(RESULT_PREFIX) :])
     sys.stderr.write(proc.stdout + proc.stderr)
     raise RuntimeError(f"worker {opt_name}/{tree} failed (exit {proc.returncode})")
+
+
+def add_paired(row: dict[str, dict], paired: dict[str, float]) -> None:
+    """Puts `run_paired`'s times in a row of per-optimizer results: the
+    compared `update_ms` and `update_donated_ms`; each worker's own-process
+    median stays as `update_ms_alone`."""
+    for opt in ("adamw", "velo"):
+        result = row[opt]
+        result["update_ms_alone"] = result["update_ms"]
+        result["update_ms"] = paired[f"{opt}_ms"]
+        result["update_donated_ms"] = paired[f"{opt}_donated_ms"]
 
 
 def machine_info() -> dict[str, Any]:
@@ -265,12 +311,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     parser.add_argument("--json", dest="json_path", default=None)
-    parser.add_argument("--worker", choices=["adamw", "velo"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", choices=["adamw", "velo", "paired"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--tree", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
 
+    if args.worker == "paired":
+        result = run_paired(args.tree, args.repeats, args.weights)
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return
     if args.worker:
         result = run_worker(args.worker, args.tree, args.repeats, args.weights)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
@@ -286,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
             opt: spawn_worker(opt, tree, args.repeats, args.weights)
             for opt in ("adamw", "velo")
         }
+        add_paired(row, spawn_worker("paired", tree, args.repeats, args.weights))
         rows.append(row)
         print(f"  done: {tree}", file=sys.stderr, flush=True)
     # The parent never starts a JAX backend (on an accelerator it would hold

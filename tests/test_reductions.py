@@ -168,3 +168,43 @@ def test_cpu_phase_a_is_a_few_kernels_per_tensor():
     hlo = jax.jit(phase_a).lower(p, g, acc).compile().as_text()
     entry = hlo[hlo.index("\nENTRY") :]
     assert len(re.findall(r" fusion\(", entry)) <= 35
+
+
+def _passes_reading(hlo: str, shape: str) -> int:
+    """How many kernels of the compiled entry read an entry parameter of
+    `shape` (e.g. "f32[320,1280,3]")."""
+    entry = hlo[hlo.index("\nENTRY") :]
+    params = re.findall(r"%([\w.-]+) = " + re.escape(shape) + r"\{[\d,]*\} parameter", entry)
+    assert params, f"no parameter of {shape}"
+    kernels = [
+        line for line in entry.splitlines() if " fusion(" in line or " reduce(" in line
+    ]
+    return sum(
+        any(re.search(rf"%{re.escape(p)}\b[,)]", line) for p in params) for line in kernels
+    )
+
+
+@_NEEDS_ONE_PASS
+@pytest.mark.parametrize("shape", [(320, 1280), (6, 5, 16), (200,), (1,)])
+def test_cpu_phase_a_merged_is_the_same_sums_in_two_passes(shape):
+    # On CPU, velo_step's phase A sums the LSTM statistics' centred sums and
+    # the channels' sums of squares in one reduction: the same values, bit
+    # for bit, and the momentum is read twice per step, not three times.
+    from velo_scale._src import param_net
+    from velo_scale._src import velo as velo_lib
+
+    p, g, acc = _phase_a_inputs(shape)
+    new = param_net.update_accumulators(g, acc)
+    merged = jax.jit(velo_lib._phase_a_sums_merged)
+    apart = jax.jit(velo_lib._phase_a_sums)
+    for x, y in zip(merged(p, g, acc, new), apart(p, g, acc, new)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    if shape == (320, 1280):
+
+        def phase_a(sums, p, g, acc):
+            return sums(p, g, acc, param_net.update_accumulators(g, acc))
+
+        m_shape = "f32[320,1280,3]"
+        for sums, passes in ((velo_lib._phase_a_sums_merged, 2), (velo_lib._phase_a_sums, 3)):
+            hlo = jax.jit(phase_a, static_argnums=0).lower(sums, p, g, acc).compile().as_text()
+            assert _passes_reading(hlo, m_shape) == passes

@@ -10,13 +10,28 @@ def update_step():
     return benchmark_scripts.load("update_step")
 
 
-def test_worker_times_the_update_both_ways(update_step):
+def test_worker_times_one_optimizer(update_step):
     result = update_step.run_worker(
         "adamw", "1m", repeats=2, weights=str(update_step.DEFAULT_WEIGHTS)
     )
     assert result["params"] == 4 * 512 * 512 + 4 * 512
-    assert result["update_ms"] > 0 and result["update_donated_ms"] > 0
-    assert len(result["update_ms_all"]) == 2
+    assert result["update_ms"] > 0 and len(result["update_ms_all"]) == 2
+    assert result["compile_s"] > 0
+
+
+def test_paired_worker_times_both_side_by_side(update_step):
+    paired = update_step.run_paired(
+        "1m", repeats=2, weights=str(update_step.DEFAULT_WEIGHTS)
+    )
+    assert set(paired) == {
+        "adamw_ms", "adamw_donated_ms", "velo_ms", "velo_donated_ms"
+    }  # fmt: skip
+    assert all(ms > 0 for ms in paired.values())
+    row = {"adamw": {"update_ms": 1.0}, "velo": {"update_ms": 2.0}}
+    update_step.add_paired(row, paired)
+    assert row["velo"]["update_ms_alone"] == 2.0
+    assert row["velo"]["update_ms"] == paired["velo_ms"]
+    assert row["adamw"]["update_donated_ms"] == paired["adamw_donated_ms"]
 
 
 def test_tables_report_the_donated_ratio(update_step):

@@ -92,56 +92,56 @@ def _statistics(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def _statistics_one_pass(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
-    """`_statistics` in two passes over the tensor (XLA:CPU): the sums, then
-    the centred sums of squares, each one reduction (`reductions.stacked_sums`).
-    The per-tensor arithmetic stays on vectors (one small kernel, not one per
-    statistic)."""
-    totals = statistics_totals(p, m, v)
-    centred_sums = reductions.stacked_sums(centred_terms(p, m, v, totals))
-    return statistics_from_sums(p, m, totals, centred_sums)
+    """`_statistics` in two passes over the tensor (XLA:CPU): the sums p and
+    m need, then the centred sums of squares and the sum of v, each one
+    reduction (`reductions.stacked_sums`). The per-tensor arithmetic stays
+    on vectors (one small kernel, not one per statistic)."""
+    totals = statistics_totals(p, m)
+    second = reductions.stacked_sums(second_pass_terms(p, m, v, totals))
+    return statistics_from_sums(p, m, totals, second)
 
 
-def statistics_totals(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
-    """f32[k + 2], the first pass of `tensor_statistics` (CPU form): the sums
-    of p**2, of each momentum channel (k) and of v, as one reduction."""
+def statistics_totals(p: jax.Array, m: jax.Array) -> jax.Array:
+    """f32[k + 1], the first pass of `tensor_statistics` (CPU form): the sums
+    of p**2 and of each of the k momentum channels, as one reduction (what
+    the centring of the second pass needs)."""
     k = m.shape[-1]
-    return reductions.stacked_sums(
-        [p * p] + [m[..., i] for i in range(k)] + [v[..., 0]]
-    )
+    return reductions.stacked_sums([p * p] + [m[..., i] for i in range(k)])
 
 
 def _normalised_mean_m(p: jax.Array, totals: jax.Array):
     """(`rsqrt(max(1e-9, mean(p**2)))`, f32[k] the normalised momentum means)."""
     n = np.float32(p.size)
     norm = jax.lax.rsqrt(jnp.maximum(1e-9, totals[0] / n))
-    return norm, totals[1:-1] / n * norm
+    return norm, totals[1:] / n * norm
 
 
-def centred_terms(
+def second_pass_terms(
     p: jax.Array, m: jax.Array, v: jax.Array, totals: jax.Array
 ) -> list[jax.Array]:
-    """The 2k arrays whose sums are the second pass of `tensor_statistics`:
-    the squared deviations of each normalised momentum channel, then of the
-    normalised rms, from the momentum means (`totals` from
-    `statistics_totals`). Summed alone or with other same-shape sums."""
+    """The 2k + 1 arrays whose sums are the second pass of
+    `tensor_statistics`: the squared deviations of each normalised momentum
+    channel, then of the normalised rms, from the momentum means (`totals`
+    from `statistics_totals`), then v. Summed alone or with other
+    same-shape sums."""
     norm, mean_m = _normalised_mean_m(p, totals)
     ms = [m[..., i] for i in range(m.shape[-1])]
     v = v[..., 0]
-    return [jnp.square(mi * norm - mean_m[i]) for i, mi in enumerate(ms)] + [
-        jnp.square(v * norm - mean_m[i]) for i in range(len(ms))
-    ]
+    centred = [jnp.square(mi * norm - mean_m[i]) for i, mi in enumerate(ms)]
+    centred += [jnp.square(v * norm - mean_m[i]) for i in range(len(ms))]
+    return centred + [v]
 
 
 def statistics_from_sums(
-    p: jax.Array, m: jax.Array, totals: jax.Array, centred_sums: jax.Array
+    p: jax.Array, m: jax.Array, totals: jax.Array, second: jax.Array
 ) -> jax.Array:
     """f32[7] `tensor_statistics` from the two passes' sums (`totals`, and
-    f32[2k] the sums of `centred_terms`)."""
+    f32[2k + 1] the sums of `second_pass_terms`)."""
     k = m.shape[-1]
     norm, _ = _normalised_mean_m(p, totals)
-    centred = centred_sums / np.float32(p.size)
-    mean_rms = totals[k + 1 :] / np.float32(p.size) * norm
-    return _log_statistics(mean_rms, centred[:k], centred[k:])
+    means = second / np.float32(p.size)
+    mean_rms = means[2 * k :] * norm
+    return _log_statistics(mean_rms, means[:k], means[k : 2 * k])
 
 
 def assemble_features(

@@ -385,15 +385,15 @@ def _phase_a_sums(p, g, acc, new):
 
 def _phase_a_sums_merged(p, g, acc, new):
     """`_phase_a_sums` in two passes over the tensor (XLA:CPU), not three:
-    the statistics' first sums, then their centred sums together with the
-    channels' sums of squares, as one reduction (the same sums, each summed
-    in the same order)."""
-    totals = tensor_net.statistics_totals(p, acc.m, acc.v)
-    mean_sq, centred_sums = param_net.mean_squares_and_sums(
+    the statistics' first sums (of p**2 and m), then the rest of their sums
+    together with the channels' sums of squares, as one reduction (the same
+    sums, each summed in the same order)."""
+    totals = tensor_net.statistics_totals(p, acc.m)
+    mean_sq, second = param_net.mean_squares_and_sums(
         param_net.feature_channels(p, g, new),
-        tensor_net.centred_terms(p, acc.m, acc.v, totals),
+        tensor_net.second_pass_terms(p, acc.m, acc.v, totals),
     )
-    return tensor_net.statistics_from_sums(p, acc.m, totals, centred_sums), mean_sq
+    return tensor_net.statistics_from_sums(p, acc.m, totals, second), mean_sq
 
 
 def _cpu_barrier(x):
