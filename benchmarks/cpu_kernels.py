@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import update_step  # noqa: E402  (a sibling script, not a package)
@@ -138,18 +137,11 @@ def profile(compiled, args, repeats: int) -> dict:
 
 def compile_update(opt_name: str, tree: str, weights: str):
     """The compiled update of `update_step`'s optimizer on `tree`, and its args."""
-    shapes = update_step.tree_shapes(tree)
-    key_p, key_g = jax.random.split(jax.random.PRNGKey(0))
-    params = update_step.random_tree(shapes, key_p, 0.02)
-    grads = update_step.random_tree(shapes, key_g, 1.0)
+    _, params, grads = update_step.make_problem(tree)
     tx = update_step.make_optimizer(opt_name, weights)
     state = jax.block_until_ready(tx.init(params))
-    if opt_name == "velo":
-        loss = jnp.float32(2.5)
-        fn = lambda g, s, p: tx.update(g, s, p, loss=loss)  # noqa: E731
-    else:
-        fn = lambda g, s, p: tx.update(g, s, p)  # noqa: E731
     args = (grads, state, params)
+    fn = update_step.update_call(opt_name, tx)
     return jax.jit(fn).lower(*args).compile(), args
 
 

@@ -119,20 +119,28 @@ def make_optimizer(name: str, weights: str):
     return velo_scale.velo(num_steps=10_000, weights=theta)
 
 
-def run_worker(opt_name: str, tree: str, repeats: int, weights: str) -> dict[str, Any]:
-    """Builds the tree and optimizer, compiles and times one update."""
+def make_problem(tree: str):
+    """(shapes, params, grads) of the named tree, the same every call."""
     shapes = tree_shapes(tree)
     key_p, key_g = jax.random.split(jax.random.PRNGKey(0))
-    params = random_tree(shapes, key_p, 0.02)
-    grads = random_tree(shapes, key_g, 1.0)
-    loss = jnp.float32(2.5)
+    return shapes, random_tree(shapes, key_p, 0.02), random_tree(shapes, key_g, 1.0)
+
+
+def update_call(opt_name: str, tx):
+    """`(grads, state, params) -> (updates, state)` of the optimizer (VeLO
+    with a fixed loss)."""
+    if opt_name == "velo":
+        loss = jnp.float32(2.5)
+        return lambda g, s, p: tx.update(g, s, p, loss=loss)
+    return lambda g, s, p: tx.update(g, s, p)
+
+
+def run_worker(opt_name: str, tree: str, repeats: int, weights: str) -> dict[str, Any]:
+    """Builds the tree and optimizer, compiles and times one update."""
+    shapes, params, grads = make_problem(tree)
     tx = make_optimizer(opt_name, weights)
     state = jax.block_until_ready(tx.init(params))
-    if opt_name == "velo":
-        fn = lambda g, s, p: tx.update(g, s, p, loss=loss)  # noqa: E731
-    else:
-        fn = lambda g, s, p: tx.update(g, s, p)  # noqa: E731
-    step = jax.jit(fn)
+    step = jax.jit(update_call(opt_name, tx))
 
     start = time.perf_counter()
     compiled = step.lower(grads, state, params).compile()
@@ -175,18 +183,11 @@ def run_paired(tree: str, repeats: int, weights: str) -> dict[str, Any]:
     donated and the new state fed to the next call, as a train step runs
     it: the new state may then reuse the old one's buffers). Medians, ms.
     """
-    shapes = tree_shapes(tree)
-    key_p, key_g = jax.random.split(jax.random.PRNGKey(0))
-    params = random_tree(shapes, key_p, 0.02)
-    grads = random_tree(shapes, key_g, 1.0)
-    loss = jnp.float32(2.5)
+    _, params, grads = make_problem(tree)
     calls = {}
     for opt_name in ("adamw", "velo"):
         tx = make_optimizer(opt_name, weights)
-        if opt_name == "velo":
-            fn = lambda g, s, p, tx=tx: tx.update(g, s, p, loss=loss)  # noqa: E731
-        else:
-            fn = lambda g, s, p, tx=tx: tx.update(g, s, p)  # noqa: E731
+        fn = update_call(opt_name, tx)
         state = jax.block_until_ready(tx.init(params))
         for donated in (False, True):
             jitted = jax.jit(fn, donate_argnums=(1,) if donated else ())

@@ -541,9 +541,8 @@ def updated_accumulators(state: VeLOState, grads: Any, params: Any):
 
     The same values `velo_step` puts in its new state (the accumulators do
     not depend on the per-tensor LSTM or the MLP). The CPU non-finite skip
-    (`skip_materialised`) computes them here, inside the branch that commits
-    a finite step, so that they are written once, straight into the new
-    state.
+    (`skip_materialised`) recomputes them here, where it selects them, so
+    that they are written once, straight into the new state.
     """
     _, treedef, all_p, all_g, active, shapes, lift = _trained_leaves(params, grads)
     state_leaves, old = _state_fields(treedef, state, active)
@@ -817,14 +816,13 @@ def velo(
                 if is_trained(p)
             ]
             inputs_finite = jnp.isfinite(loss) & _all_finite(trained_grads)
-            # Stepping every call, the CPU skip writes the accumulators once,
-            # recomputed in its commit branch; with accumulation, the step
-            # ran inside a cond, and the accumulators are selected.
+            # Stepping every call, the CPU skip recomputes the accumulators
+            # where it selects them (written once); with accumulation, the
+            # step ran inside a cond, and those of `state` are selected.
             recompute = None
             if accumulate == 1:
-                step_grads = grads
-                recompute = lambda old: updated_accumulators(  # noqa: E731
-                    old, step_grads, params
+                recompute = functools.partial(
+                    updated_accumulators, grads=grads, params=params
                 )
             new_updates, state = _skip_unless_finite(
                 inputs_finite, new_updates, state, old_state, recompute
@@ -890,7 +888,7 @@ def skip_fused(inputs_finite, updates, state, old):
 
 
 def skip_materialised(inputs_finite, updates, state, old, recompute=None):
-    """`_skip_unless_finite` with conds (CPU).
+    """`_skip_unless_finite` with the updates' check in a `lax.cond` (CPU).
 
     The cond checks the updates (its operand, materialised once) and zeroes
     them unless finite. With `recompute`, the accumulators are recomputed
