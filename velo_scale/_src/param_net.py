@@ -307,36 +307,6 @@ def update_bound(
     return step + decoupled_weight_decay * max_abs[2]
 
 
-def channel_sizes(p: jax.Array, g: jax.Array, acc: Accumulators) -> np.ndarray:
-    """int64[30], the number of elements each of `feature_channels(p, g,
-    acc)` has (the tensor's size, or a row/column vector's): what each
-    channel's mean square in `channel_mean_squares` is a mean over. Static
-    (from the shapes only)."""
-    spec = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (p, g, acc)
-    )
-    chans = jax.eval_shape(feature_channels, *spec)
-    return np.asarray([int(np.prod(c.shape)) for c in chans], np.int64)
-
-
-def maxima_from_mean_squares(mean_sq: jax.Array, sizes: np.ndarray) -> jax.Array:
-    """f32[..., 30], upper bounds on the channels' `max |x_c|` from their mean
-    squares: `sqrt(size_c * mean_sq_c)`, the L2 norm, widened by 1e-5.
-
-    The largest of nonnegative terms is at most their sum, also in floating
-    point (a rounded sum of nonnegative numbers is never below its largest
-    term, whatever the order), so only the rounding of the square, the mean
-    and this product can bring the bound below the true maximum: by a few
-    ulps, far inside the widening. A non-finite mean square gives a
-    non-finite bound.
-
-    Args:
-      mean_sq: f32[..., 30] from `channel_mean_squares`.
-      sizes: [30] `channel_sizes` of the tensor.
-    """
-    return jnp.sqrt(mean_sq * jnp.asarray(sizes, jnp.float32)) * np.float32(1 + 1e-5)
-
-
 def _dense(xs: list[jax.Array], w: jax.Array, b: jax.Array) -> list[jax.Array]:
     """`[b_j + sum_i xs[i] * w[i, j] for j]`: a dense layer over channel lists.
 

@@ -288,28 +288,6 @@ def velo_step(
             theta, state, grads, params, loss, interpret,
             mesh=mesh, param_specs=param_specs,
         )  # fmt: skip
-    updates, new_state, intermediates, _ = _velo_step_xla(
-        theta, state, grads, params, loss
-    )
-    return updates, new_state, intermediates
-
-
-class UpdateBounds(NamedTuple):
-    """Upper bounds on each trained tensor's update, in tree order.
-
-    `step[i] + wd * param[i]` bounds `max |update|` of tensor i with a
-    decoupled weight decay `wd` (`param_net.update_bound` from the channels'
-    L2 norms, `param_net.maxima_from_mean_squares`). Loose (the L2 norm of a
-    large tensor is far above its largest element), but free: the channels'
-    mean squares are computed anyway.
-    """
-
-    step: jax.Array  # f32[n]
-    param: jax.Array  # f32[n], at least max |p|
-
-
-def _velo_step_xla(theta, state, grads, params, loss):
-    """`velo_step` on the XLA path; also returns its `UpdateBounds`."""
     path_leaves, treedef, all_p, all_g, active, shapes, lift = _trained_leaves(
         params, grads
     )
@@ -357,14 +335,6 @@ def _velo_step_xla(theta, state, grads, params, loss):
         theta, state, jnp.stack(stats), jnp.stack(mean_sq), shapes, fraction, loss_feats
     )
     mlps, w0, scale = b.mlps, b.w0, b.scale
-    sizes = np.stack(
-        [param_net.channel_sizes(*lifted[i]) for i in range(n)]
-    ).astype(np.float32)
-    max_abs = param_net.maxima_from_mean_squares(jnp.stack(mean_sq), sizes)
-    bounds = UpdateBounds(
-        step=jax.vmap(param_net.update_bound)(mlps, w0, scale, max_abs),
-        param=max_abs[:, 2],
-    )
 
     # Phase C, per group (vmapped): one elementwise pass of the MLP.
     updates = [None] * n
@@ -401,7 +371,7 @@ def _velo_step_xla(theta, state, grads, params, loss):
         lstm_cell=b.cell,
         loss_buffer=loss_buffer,
     )
-    return full_updates, new_state, b.intermediates(fraction, loss_feats), bounds
+    return full_updates, new_state, b.intermediates(fraction, loss_feats)
 
 
 def _phase_a_sums(p, g, acc, new):
@@ -771,25 +741,16 @@ def velo(
             theta(), params, horizon, accumulate, loss_decays, state_dtype
         )
 
-    def bounded_step_fn(state, grads, params, loss):
-        """(updates, state, `UpdateBounds` or None)."""
+    def step_fn(state, grads, params, loss):
         if not any(is_trained(p) for p in jax.tree_util.tree_leaves(params)):
             zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-            return zeros, state._replace(iteration=state.iteration + 1), None
-        if implementation == "xla":
-            updates, state, _, bounds = _velo_step_xla(
-                theta(), state, grads, params, loss
-            )
-            return updates, state, bounds
+            return zeros, state._replace(iteration=state.iteration + 1)
         updates, state, _ = velo_step(
             theta(), state, grads, params, loss,
             implementation=implementation, interpret=pallas_interpret,
             mesh=mesh, param_specs=param_specs,
         )  # fmt: skip
-        return updates, state, None
-
-    def step_fn(state, grads, params, loss):
-        return bounded_step_fn(state, grads, params, loss)[:2]
+        return updates, state
 
     def update_fn(updates, state, params=None, *, loss=None, **extra_args):
         del extra_args
@@ -827,13 +788,12 @@ def velo(
                 mesh=mesh, param_specs=param_specs,
             )  # fmt: skip
             return new_updates, state
-        bounds = None
         if accumulate > 1:
             new_updates, state = _accumulating_step(
                 step_fn, accumulate, state, grads, params, loss
             )
         else:
-            new_updates, state, bounds = bounded_step_fn(state, grads, params, loss)
+            new_updates, state = step_fn(state, grads, params, loss)
         if decoupled_weight_decay:
             new_updates = jax.tree_util.tree_map(
                 lambda u, p: (
@@ -859,24 +819,13 @@ def velo(
             # Stepping every call, the CPU skip recomputes the accumulators
             # where it selects them (written once); with accumulation, the
             # step ran inside a cond, and those of `state` are selected.
-            recompute = bounded = None
+            recompute = None
             if accumulate == 1:
                 recompute = functools.partial(
                     updated_accumulators, grads=grads, params=params
                 )
-            if bounds is not None:
-                limits = np.asarray(
-                    [
-                        _commit_limit(_dtype(p))
-                        for p in jax.tree_util.tree_leaves(params)
-                        if is_trained(p)
-                    ],
-                    np.float32,
-                )
-                total = bounds.step + abs(decoupled_weight_decay) * bounds.param
-                bounded = jnp.all(total < limits)
             new_updates, state = _skip_unless_finite(
-                inputs_finite, new_updates, state, old_state, recompute, bounded
+                inputs_finite, new_updates, state, old_state, recompute
             )
         return new_updates, state
 
@@ -889,7 +838,6 @@ def _skip_unless_finite(
     state: VeLOState,
     old: VeLOState,
     recompute: Any = None,
-    bounded: jax.Array | None = None,
 ) -> tuple[Any, VeLOState]:
     """`updates, state` if `inputs_finite` and every update is finite, else
     zero updates and the old state with one more `nonfinite_steps`.
@@ -908,15 +856,10 @@ def _skip_unless_finite(
       recompute: None, or `updated_accumulators` bound to the step's
         gradients and params: a function of the old state giving the new
         `(momentum, rms, factored)` (the same values `state` holds).
-      bounded: None, or bool[] whether every update is provably finite
-        (`UpdateBounds` below the dtypes' range): the CPU skip then neither
-        checks nor copies them (the usual step).
     """
     return jax.lax.platform_dependent(
         inputs_finite, updates, state, old,
-        cpu=functools.partial(
-            skip_materialised, recompute=recompute, bounded=bounded
-        ),
+        cpu=functools.partial(skip_materialised, recompute=recompute),
         default=skip_fused,
     )  # fmt: skip
 
@@ -944,33 +887,23 @@ def skip_fused(inputs_finite, updates, state, old):
     return _zero_unless(finite, updates), _keep_unless(finite, state, old)
 
 
-def skip_materialised(
-    inputs_finite, updates, state, old, recompute=None, bounded=None
-):
-    """`_skip_unless_finite` with the updates' check in a `lax.switch` (CPU).
+def skip_materialised(inputs_finite, updates, state, old, recompute=None):
+    """`_skip_unless_finite` with the updates' check in a `lax.cond` (CPU).
 
-    Its branch checks the updates (its operand, materialised once) and
-    zeroes them unless finite; when `bounded` says they are provably finite,
-    another passes them through untouched (no pass over them). With
-    `recompute`, the accumulators are recomputed from the gradients and the
-    old state and selected in the same pass (read once, written once);
-    without, those of `state` are selected.
+    The cond checks the updates (its operand, materialised once) and zeroes
+    them unless finite. With `recompute`, the accumulators are recomputed
+    from the gradients and the old state and selected in the same pass
+    (read once, written once); without, those of `state` are selected.
     """
-
-    def skip(updates):
-        return jax.tree_util.tree_map(jnp.zeros_like, updates), jnp.zeros((), bool)
 
     def check(updates):
         finite = _all_finite(updates)
         return _zero_unless(finite, updates), finite
 
-    def keep(updates):
-        return updates, jnp.ones((), bool)
+    def skip(updates):
+        return jax.tree_util.tree_map(jnp.zeros_like, updates), jnp.zeros((), bool)
 
-    index = inputs_finite.astype(jnp.int32)
-    if bounded is not None:
-        index = index + (inputs_finite & bounded).astype(jnp.int32)
-    updates, finite = jax.lax.switch(index, [skip, check, keep], updates)
+    updates, finite = jax.lax.cond(inputs_finite, check, skip, updates)
     if recompute is not None:
         # Recomputed from the old state behind a barrier, the accumulators
         # are not phase A's (which XLA would then write to a buffer of their
