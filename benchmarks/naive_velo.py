@@ -26,7 +26,6 @@ import optax
 import velo_scale
 from velo_scale._src import loss_features, param_net, tensor_net
 from velo_scale._src import velo as velo_lib
-from velo_scale._src.state import FactoredState
 
 
 def _mlp_update(mlp: dict[str, jax.Array], x: jax.Array, scale: jax.Array):
@@ -81,22 +80,10 @@ def naive_step(
         mlp = {name: w[k] for name, w in b.mlps.items()}
         updates.append(_mlp_update(mlp, normalised, b.scale[k]).reshape(shapes[k]))
 
-    new = [
-        velo_lib._lower_accumulators(a, s == (), o) for a, s, o in zip(new, shapes, old)
-    ]
-    full_updates, (m, v, row, col, diag) = velo_lib._scatter(
-        treedef, all_p, active, state_leaves, updates, new
-    )
-    new_state = state._replace(
-        iteration=state.iteration + 1,
-        momentum=m,
-        rms=v,
-        factored=FactoredState(v_row=row, v_col=col, v_diag=diag),
-        lstm_hidden=b.hidden,
-        lstm_cell=b.cell,
-        loss_buffer=loss_buffer,
-    )
-    return full_updates, new_state
+    return velo_lib.finish_step(
+        state, treedef, all_p, active, state_leaves, old, shapes, updates, new, b,
+        loss_buffer,
+    )  # fmt: skip
 
 
 def naive_velo(num_steps: int, weights: Any) -> optax.GradientTransformationExtraArgs:

@@ -357,11 +357,28 @@ def velo_step(
         for k, i in enumerate(idx):
             updates[i] = out[k].reshape(shapes[i])
 
+    full_updates, new_state = finish_step(
+        state, treedef, all_p, active, state_leaves, old, shapes, updates, new, b,
+        loss_buffer,
+    )  # fmt: skip
+    return full_updates, new_state, b.intermediates(fraction, loss_feats)
+
+
+def finish_step(
+    state, treedef, all_p, active, state_leaves, old, shapes, updates, new, b,
+    loss_buffer,
+):  # fmt: skip
+    """(updates pytree like params, new `VeLOState`) of an XLA-path step.
+
+    From the trained tensors' updates and f32 accumulators `new` (in
+    `active` order, lifted), phase B's outputs `b` (the new LSTM state) and
+    the new loss buffer; untrained leaves get zero updates and keep their
+    state.
+    """
     new = [_lower_accumulators(a, s == (), o) for a, s, o in zip(new, shapes, old)]
     full_updates, (new_m, new_v, new_row, new_col, new_diag) = _scatter(
         treedef, all_p, active, state_leaves, updates, new
     )
-
     new_state = state._replace(
         iteration=state.iteration + 1,
         momentum=new_m,
@@ -371,7 +388,7 @@ def velo_step(
         lstm_cell=b.cell,
         loss_buffer=loss_buffer,
     )
-    return full_updates, new_state, b.intermediates(fraction, loss_feats)
+    return full_updates, new_state
 
 
 def _phase_a_sums(p, g, acc, new):
