@@ -68,3 +68,17 @@ def test_smoke_run_writes_every_number(gpu_step, tmp_path):
     assert vit["batch"] == 2 and vit["image"] == 28
     for name in ("fwd_bwd", *gpu_step.OPTIMIZERS):
         assert vit[name]["ms"] > 0
+
+
+def test_velo_update_lowers_for_cuda(theta):
+    """Without a GPU here: the update (skip included) lowers for CUDA, so the
+    device run does not stop at a CPU-only lowering (`platform_dependent`'s
+    default branches, no CPU custom calls)."""
+    tx = velo_scale.velo(100, weights=theta)
+    params = {"w": jnp.ones((64, 32)), "b": jnp.zeros((32,)), "s": jnp.asarray(1.0)}
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p, loss=1.0))
+    exported = jax.export.export(update, platforms=["cuda"])(
+        params, tx.init(params), params
+    )
+    assert exported.platforms == ("cuda",)
+    assert "custom_call" not in exported.mlir_module()
