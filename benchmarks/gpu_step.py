@@ -92,20 +92,15 @@ def time_updates(
     shapes: dict[str, tuple[int, ...]], theta: Any, repeats: int
 ) -> dict[str, Any]:
     """Part 1 for one tree: {name: {"ms", "compile_s"}} and the tree's size."""
-    key_p, key_g = jax.random.split(jax.random.PRNGKey(0))
-    params = update_step.random_tree(shapes, key_p, 0.02)
-    grads = update_step.random_tree(shapes, key_g, 1.0)
-    loss = jnp.float32(2.5)
+    _, params, grads = update_step.make_problem(shapes)
     result: dict[str, Any] = {
         "params": sum(int(np.prod(s)) for s in shapes.values()),
         "tensors": len(shapes),
     }
     calls = {}
     for name, tx in make_optimizers(theta).items():
-        if name == "adamw":
-            fn = lambda g, s, p, tx=tx: tx.update(g, s, p)  # noqa: E731
-        else:
-            fn = lambda g, s, p, tx=tx: tx.update(g, s, p, loss=loss)  # noqa: E731
+        # The naive VeLO is called as VeLO is (with a fixed loss).
+        fn = update_step.update_call("adamw" if name == "adamw" else "velo", tx)
         state = jax.block_until_ready(tx.init(params))
         start = time.perf_counter()
         compiled = jax.jit(fn, donate_argnums=(1,)).lower(grads, state, params).compile()

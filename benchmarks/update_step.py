@@ -119,9 +119,10 @@ def make_optimizer(name: str, weights: str):
     return velo_scale.velo(num_steps=10_000, weights=theta)
 
 
-def make_problem(tree: str):
-    """(shapes, params, grads) of the named tree, the same every call."""
-    shapes = tree_shapes(tree)
+def make_problem(tree: str | dict[str, tuple[int, ...]]):
+    """(shapes, params, grads) of the named tree (or of these shapes), the
+    same every call."""
+    shapes = tree_shapes(tree) if isinstance(tree, str) else tree
     key_p, key_g = jax.random.split(jax.random.PRNGKey(0))
     return shapes, random_tree(shapes, key_p, 0.02), random_tree(shapes, key_g, 1.0)
 
