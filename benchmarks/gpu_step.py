@@ -44,10 +44,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,18 +74,6 @@ def make_optimizers(theta: Any, num_steps: int = 10_000) -> dict[str, Any]:
     }
 
 
-def _interleaved(calls: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median ms of each call, timed one of each in turn after 3 warm-ups."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for i in range(repeats + 3):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if i >= 3:
-                times[name].append(1e3 * (time.perf_counter() - start))
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def time_updates(
     shapes: dict[str, tuple[int, ...]], theta: Any, repeats: int
 ) -> dict[str, Any]:
@@ -112,7 +98,7 @@ def time_updates(
             jax.block_until_ready((updates, box[0]))
 
         calls[name] = call
-    for name, ms in _interleaved(calls, repeats).items():
+    for name, ms in update_step.interleaved(calls, repeats).items():
         result[name]["ms"] = ms
     return result
 
@@ -175,7 +161,7 @@ def time_vit_step(theta: Any, smoke: bool, batch: int, repeats: int) -> dict[str
             jax.block_until_ready((box[0], box[1], loss))
 
         calls[name] = call
-    for name, ms in _interleaved(calls, repeats).items():
+    for name, ms in update_step.interleaved(calls, repeats).items():
         result[name]["ms"] = ms
     return result
 

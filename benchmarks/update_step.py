@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -195,25 +196,36 @@ def run_paired(tree: str, repeats: int, weights: str) -> dict[str, Any]:
             compiled = jitted.lower(grads, state, params).compile()
             # The donated call gets (and then feeds back) its own state.
             own = jax.tree_util.tree_map(jnp.copy, state) if donated else state
-            calls[opt_name, donated] = [compiled, own, donated, []]
+            box = [own]
 
-    def call(entry, record: bool) -> None:
-        compiled, state, donated, times = entry
-        start = time.perf_counter()
-        updates, new_state = compiled(grads, state, params)
-        jax.block_until_ready((updates, new_state))
-        if record:
-            times.append(time.perf_counter() - start)
-        if donated:
-            entry[1] = new_state
+            def call(compiled=compiled, box=box, donated=donated):
+                updates, new_state = compiled(grads, box[0], params)
+                jax.block_until_ready((updates, new_state))
+                if donated:
+                    box[0] = new_state
 
-    for i in range(repeats + 2):
-        for entry in calls.values():
-            call(entry, record=i >= 2)
-    return {
-        f"{opt}_{'donated_' if donated else ''}ms": 1e3 * statistics.median(entry[3])
-        for (opt, donated), entry in calls.items()
-    }
+            calls[f"{opt_name}_{'donated_' if donated else ''}ms"] = call
+    return interleaved(calls, repeats, warmups=2)
+
+
+def interleaved(
+    calls: dict[str, Callable[[], None]], repeats: int, warmups: int = 3
+) -> dict[str, float]:
+    """Median wall ms of each call, timed one of each in turn.
+
+    `warmups` rounds first, untimed; then `repeats` rounds, each calling
+    every entry of `calls` once in order (each call blocks until its
+    results are ready). Side by side, so that a host's drift over the run
+    falls on all of them alike.
+    """
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(repeats + warmups):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if i >= warmups:
+                times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def spawn_worker(opt_name: str, tree: str, repeats: int, weights: str) -> dict:
