@@ -158,13 +158,22 @@ def test_estimator_compiles_once_per_static_config_and_is_deterministic():
         tasks=[a, b], num_outer_steps=2, unroll_lengths=(3,), estimates_per_task=2
     )
     runs = []
-    for _ in range(2):
+    for _ in range(2):  # each run compiles its own estimator
+        train_lib.clear_compiled()
         train_lib.TRACES.clear()
         runs.append(train_lib.meta_train(**kw))
         # 2 tasks x 2 estimates x 2 outer steps = 8 calls, one trace.
         assert dict(train_lib.TRACES) == {task_signature(a): 1}
-    for x, y in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # A third run in this process reuses the second's compiled estimator.
+    train_lib.TRACES.clear()
+    runs.append(train_lib.meta_train(**kw))
+    assert not train_lib.TRACES
+    for run in runs[1:]:
+        for x, y in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(run)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # Other ES settings are another estimator.
+    train_lib.meta_train(**{**kw, "sigma": 0.02, "num_outer_steps": 1})
+    assert dict(train_lib.TRACES) == {task_signature(a): 1}
     with pytest.raises(ValueError, match="estimates_per_task"):
         train_lib.meta_train(**{**kw, "estimates_per_task": 0})
 
@@ -289,6 +298,27 @@ def test_runtime_fields_split_and_restore():
         with_runtime(template, (1.0, 2.0))
 
 
+def test_a_class_defined_again_is_a_new_signature():
+    """Compiled estimators are kept for the process by signature, so a task
+    class defined anew (a notebook cell run again, perhaps edited) must not
+    match the old one's, even with the same name and fields."""
+    import dataclasses
+
+    from velo_scale.meta import task_signature
+
+    def define():
+        @dataclasses.dataclass(frozen=True)
+        class Task:
+            size: int = 3
+
+        return Task
+
+    first, again = define(), define()
+    assert first.__qualname__ == again.__qualname__
+    assert task_signature(first()) == task_signature(first())
+    assert task_signature(first()) != task_signature(again())
+
+
 def test_resampled_tasks_share_a_compiled_estimator_and_resume_exactly(tmp_path):
     """resample_every draws a new task set per round from a seeded factory; a
     redraw that only changes the init scale reuses the compiled estimator;
@@ -302,6 +332,7 @@ def test_resampled_tasks_share_a_compiled_estimator_and_resume_exactly(tmp_path)
         return [_scaled_task(0.5 + seed % 7 / 4)]
 
     kw = _meta_kw(tasks=factory, resample_every=2)
+    train_lib.clear_compiled()
     train_lib.TRACES.clear()
     straight = train_lib.meta_train(workdir=tmp_path / "a", **kw)
     assert len(set(seeds)) == 2  # rounds 0 and 1
@@ -415,6 +446,7 @@ def test_tasks_of_one_configuration_are_vmapped_and_equal_separate_estimates():
     # of the pairs are far above rounding (a random theta barely moves them).
     kw = _meta_kw(tasks=tasks, num_outer_steps=1, learning_rate=1e-3,
                   init_theta="normalised_momentum")  # fmt: skip
+    train_lib.clear_compiled()
     train_lib.TRACES.clear()
     got = train_lib.meta_train(**kw)
     assert sum(train_lib.TRACES.values()) == 1

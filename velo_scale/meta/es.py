@@ -177,7 +177,9 @@ def task_signature(task: Any) -> tuple:
 
     Dataclass fields are read recursively (an `AugmentedTask` includes its
     inner task); numpy / jax arrays enter as (shape, dtype, blake2b digest of
-    the bytes), so equal datasets held by different objects still match.
+    the bytes), so equal datasets held by different objects still match. The
+    class enters as itself, not its name: a class defined again (a notebook
+    cell run twice, perhaps edited) is a new configuration.
     """
     if isinstance(task, (np.ndarray, jax.Array)):
         arr = np.asarray(task)
@@ -185,8 +187,7 @@ def task_signature(task: Any) -> tuple:
         return ("array", arr.shape, str(arr.dtype), digest.hexdigest())
     if dataclasses.is_dataclass(task) and not isinstance(task, type):
         return (
-            type(task).__module__,
-            type(task).__qualname__,
+            type(task),
             tuple(
                 (f.name, task_signature(getattr(task, f.name)))
                 for f in dataclasses.fields(task)

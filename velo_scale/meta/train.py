@@ -52,6 +52,17 @@ SMALL_ARCHITECTURE = weights_lib.Architecture(lstm_hidden_size=32, param_inits=1
 # logs: tasks sharing a static configuration share one compiled estimator.
 TRACES: collections.Counter = collections.Counter()
 
+# This process's compiled ES / PES estimators, least recently used first, by
+# (task signature, unroll length, ES settings, shardings): a later meta_train
+# in the same process (a resume, a sweep over outer settings) reuses them.
+_ESTIMATORS: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
+
+
+def clear_compiled() -> None:
+    """Drops the compiled estimators kept by `meta_train` (the next call
+    compiles its own)."""
+    _ESTIMATORS.clear()
+
 
 @flax.struct.dataclass
 class MetaState:
@@ -132,7 +143,8 @@ def meta_train(
         once).
       max_compiled: compiled estimators kept (least recently used dropped);
         tasks that differ only in `es.RUNTIME_FIELDS` (the init scale) share
-        one.
+        one. They stay for the process, so a second call (a resume, a sweep)
+        reuses them; `clear_compiled()` drops them.
       seed: theta init, perturbations and task draws.
       workdir: checkpoints (`checkpoints/`), `metrics.jsonl`, and the exported
         `params` + `params.json` at the end.
@@ -265,9 +277,10 @@ def meta_train(
             writer.write(0, {"init_lr_mult": float(lr_mult)}, split="train")
         state = jax.device_put(state, replicated)
 
-    # One compiled estimator per (static task configuration, unroll length),
-    # least recently used dropped past `max_compiled`.
-    estimators: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
+    # One compiled estimator per (static task configuration, unroll length)
+    # and ES settings, kept for the process (`_ESTIMATORS`), least recently
+    # used dropped past `max_compiled`.
+    estimators = _ESTIMATORS
 
     @functools.cache
     def static_config(task: Any) -> tuple[Any, tuple[float, ...], tuple]:
@@ -280,7 +293,9 @@ def meta_train(
         """(the compiled ES / PES estimate of `task`'s static configuration,
         the task's runtime values to call it with)."""
         template, runtime, signature = static_config(task)
-        cache_key = (signature, length)
+        # Everything `estimate` closes over besides the template.
+        cache_key = (signature, length, num_pairs, sigma, last_k, truncation_length,
+                     pair_sharding, replicated)  # fmt: skip
         if cache_key in estimators:
             estimators.move_to_end(cache_key)
         else:
