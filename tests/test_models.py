@@ -27,6 +27,7 @@ def test_vit_parameter_counts(sizes, expected):
     assert _count(ViT(**sizes, num_classes=1000), (1, 224, 224, 3)) == expected
 
 
+@pytest.mark.slow  # CI trains a ViT in test_workload_imagenet; shardings in test_sharding
 def test_tiny_vit_trains_sharded():
     result = train(
         model=ViT(**ViT.TINY, num_classes=10),

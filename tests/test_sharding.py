@@ -114,8 +114,35 @@ def tx(theta):
     return velo_scale.velo(100, weights=theta)
 
 
-@pytest.mark.parametrize("layout", ["replicated", "fsdp", "tensor_parallel", "mixed"])
-def test_sharded_equals_unsharded_and_keeps_shardings(tx, layout):
+def _loss(k: int) -> jax.Array:
+    return jnp.float32(3.0 - 0.3 * k)
+
+
+@pytest.fixture(scope="module")
+def unsharded_run(tx):
+    """Params and state after 3 unsharded updates of `_transformer_tree`
+    (gradients `_grads(params, k)`, loss `_loss(k)`): the reference every
+    layout is compared with, compiled once for all of them."""
+    update = jax.jit(lambda g, s, p, loss: tx.update(g, s, p, loss=loss))
+    params = _transformer_tree()
+    state = tx.init(params)
+    for k in range(3):
+        updates, state = update(_grads(params, k), state, params, _loss(k))
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # Nothing sharded: the unsharded reference itself, up to the mesh.
+        pytest.param("replicated", marks=pytest.mark.slow),
+        "fsdp",
+        "tensor_parallel",
+        "mixed",
+    ],
+)
+def test_sharded_equals_unsharded_and_keeps_shardings(tx, unsharded_run, layout):
     mesh = _mesh()
     params = _transformer_tree()
     specs = _layout(layout, params)
@@ -128,18 +155,14 @@ def test_sharded_equals_unsharded_and_keeps_shardings(tx, layout):
         lambda g, s, p, loss: tx.update(g, s, p, loss=loss),
         out_shardings=(param_shardings, shardings),
     )
-    ref_update = jax.jit(lambda g, s, p, loss: tx.update(g, s, p, loss=loss))
-    ref_params, ref_state = params, tx.init(params)
     compiled = update.lower(
         _put(_grads(params, 0), specs, mesh), state, sharded_params, jnp.float32(0)
     ).compile()
     for k in range(3):
-        grads = _grads(params, k)
-        loss = jnp.float32(3.0 - 0.3 * k)
-        updates, state = compiled(_put(grads, specs, mesh), state, sharded_params, loss)
+        grads = _put(_grads(params, k), specs, mesh)
+        updates, state = compiled(grads, state, sharded_params, _loss(k))
         sharded_params = optax.apply_updates(sharded_params, updates)
-        ref_updates, ref_state = ref_update(grads, ref_state, ref_params, loss)
-        ref_params = optax.apply_updates(ref_params, ref_updates)
+    ref_params, ref_state = unsharded_run
 
     for a, b in zip(
         jax.tree_util.tree_leaves(sharded_params), jax.tree_util.tree_leaves(ref_params)
