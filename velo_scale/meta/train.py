@@ -293,14 +293,13 @@ def meta_train(
         """(the compiled ES / PES estimate of `task`'s static configuration,
         the task's runtime values to call it with)."""
         template, runtime, signature = static_config(task)
+        config = ESConfig(num_pairs, sigma, length, min(last_k, length),
+                          truncation_length)  # fmt: skip
         # Everything `estimate` closes over besides the template.
-        cache_key = (signature, length, num_pairs, sigma, last_k, truncation_length,
-                     pair_sharding, replicated)  # fmt: skip
+        cache_key = (signature, config, pair_sharding, replicated)
         if cache_key in estimators:
             estimators.move_to_end(cache_key)
         else:
-            config = ESConfig(num_pairs, sigma, length, min(last_k, length),
-                              truncation_length)  # fmt: skip
 
             def one(theta, key, runtime):
                 task = with_runtime(template, runtime)
