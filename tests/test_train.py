@@ -201,6 +201,41 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
     assert int(resumed.state.step) == 5  # resumed from step 4, not the partial 6
 
 
+def test_small_replicated_arrays_are_saved_whole_without_compiles(tmp_path):
+    """orbax would cut each replicated array into one slice per device and
+    compile a `jit(slice)` per (shape, device); small ones are written whole,
+    in orbax's standard format (a plain `CheckpointManager` reads them)."""
+    from jax._src import monitoring
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from velo_scale.train.checkpoint import Checkpointer
+
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    tree = {
+        "sharded": put(np.arange(64.0).reshape(8, 8), PartitionSpec("data", "model")),
+        **{
+            f"replicated_{n}": put(np.arange(n * 8.0), PartitionSpec())
+            for n in (1, 3, 5)
+        },
+    }
+    compiles = []
+    listener = lambda event, *_, **__: compiles.append(event)  # noqa: E731
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        checkpointer = Checkpointer(tmp_path, asynchronous=False)
+        checkpointer.save(1, tree)
+        checkpointer.close()
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert "/jax/core/compile/backend_compile_duration" not in compiles
+    manager = ocp.CheckpointManager(tmp_path)
+    restored = manager.restore(1, args=ocp.args.StandardRestore())
+    manager.close()
+    for key, value in tree.items():
+        np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value))
+
+
 def test_velo_auto_weights_order(monkeypatch, tmp_path, capsys):
     import velo_scale
 
