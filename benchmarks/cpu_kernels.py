@@ -24,7 +24,7 @@ kernel's time varies by up to ~30% between runs, so compare within a run.
 
 Usage:
   JAX_PLATFORMS=cpu python benchmarks/cpu_kernels.py [--tree 10m]
-      [--repeats 5] [--top 15]
+      [--repeats 5] [--top 15] [--donate]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import update_step  # noqa: E402  (a sibling script, not a package)
@@ -89,16 +90,29 @@ def _kernel_events(
     ]
 
 
-def profile(compiled, args, repeats: int) -> dict:
-    """Wall ms per step and kernel thread-ms per step, grouped by role."""
+def profile(compiled, args, repeats: int, donate: bool = False) -> dict:
+    """Wall ms per step and kernel thread-ms per step, grouped by role.
+
+    With `donate`, `compiled` donates the state (`args[1]`) and each call's
+    new state is fed to the next, as a train step runs."""
     names = kernel_names(compiled.as_text())
+    args = list(args)
+    if donate:
+        args[1] = jax.tree_util.tree_map(jnp.copy, args[1])
+
+    def call():
+        updates, state = compiled(*args)
+        if donate:
+            args[1] = state
+        jax.block_until_ready((updates, state))
+
     for _ in range(2):
-        jax.block_until_ready(compiled(*args))
+        call()
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         start = time.perf_counter()
         for _ in range(repeats):
-            jax.block_until_ready(compiled(*args))
+            call()
         wall_ms = 1e3 * (time.perf_counter() - start) / repeats
         jax.profiler.stop_trace()
         events = _kernel_events(trace_dir, names)
@@ -135,14 +149,16 @@ def profile(compiled, args, repeats: int) -> dict:
     }
 
 
-def compile_update(opt_name: str, tree: str, weights: str):
-    """The compiled update of `update_step`'s optimizer on `tree`, and its args."""
+def compile_update(opt_name: str, tree: str, weights: str, donate: bool = False):
+    """The compiled update of `update_step`'s optimizer on `tree` (the state
+    donated with `donate`), and its args."""
     _, params, grads = update_step.make_problem(tree)
     tx = update_step.make_optimizer(opt_name, weights)
     state = jax.block_until_ready(tx.init(params))
     args = (grads, state, params)
     fn = update_step.update_call(opt_name, tx)
-    return jax.jit(fn).lower(*args).compile(), args
+    jitted = jax.jit(fn, donate_argnums=(1,) if donate else ())
+    return jitted.lower(*args).compile(), args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,18 +167,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--weights", default=str(update_step.DEFAULT_WEIGHTS))
+    parser.add_argument(
+        "--donate", action="store_true",
+        help="donate the state and feed each new state back (a train step)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
 
     results = {}
     for opt_name in ("adamw", "velo"):
-        compiled, call_args = compile_update(opt_name, args.tree, args.weights)
-        results[opt_name] = profile(compiled, call_args, args.repeats)
+        compiled, call_args = compile_update(
+            opt_name, args.tree, args.weights, args.donate
+        )
+        results[opt_name] = profile(compiled, call_args, args.repeats, args.donate)
     a, v = results["adamw"], results["velo"]
     print(f"machine: {update_step.machine_info()}")
     print(
-        f"tree {args.tree}: step wall ms AdamW {a['wall_ms']:.2f}, VeLO "
+        f"tree {args.tree}{' (state donated)' if args.donate else ''}: step wall ms AdamW {a['wall_ms']:.2f}, VeLO "
         f"{v['wall_ms']:.2f} ({v['wall_ms'] / a['wall_ms']:.1f}x); kernel "
         f"thread-ms AdamW {a['kernel_ms']:.2f}, VeLO {v['kernel_ms']:.2f}; "
         f"covered ms AdamW {a['covered_ms']:.2f}, VeLO {v['covered_ms']:.2f}"

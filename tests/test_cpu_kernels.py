@@ -24,11 +24,15 @@ def test_kernel_names_read_the_hlo_metadata(cpu_kernels):
     assert any(op.startswith("jit(<lambda>)/") for op in fusions.values())
 
 
-def test_profile_groups_add_up_to_the_kernel_time(cpu_kernels):
+@pytest.mark.parametrize("donate", [False, True], ids=["undonated", "donated"])
+def test_profile_groups_add_up_to_the_kernel_time(cpu_kernels, donate):
     compiled, args = cpu_kernels.compile_update(
-        "velo", "1m", str(cpu_kernels.update_step.DEFAULT_WEIGHTS)
+        "velo", "1m", str(cpu_kernels.update_step.DEFAULT_WEIGHTS), donate
     )
-    result = cpu_kernels.profile(compiled, args, repeats=1)
+    state = args[1]
+    result = cpu_kernels.profile(compiled, args, repeats=1, donate=donate)
+    # The caller's state is never donated (the profile donates a copy).
+    assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state))
     groups = result["groups"]
     assert groups and result["wall_ms"] > 0
     assert sum(g["thread_ms"] for g in groups) == pytest.approx(result["kernel_ms"])
