@@ -33,6 +33,16 @@ Per chip (one device's SPMD program) it prints:
   where the bytes go; `--kernels` lists the kernels over the largest tensor
   (`kernel_breakdown`), `--dump-hlo DIR` writes each compiled HLO.
 
+GPU targets (`--topology h100`, `h200`, or `h200:8` for 8 GPUs of one host):
+jax's CUDA plugin (`pip install "velo_scale[gpu-aot]"`, i.e. `jax[cuda12]`
+of the installed jax; its own venv, ~6 GB) compiles for an NVIDIA GPU with
+none present, from the target figures in `GPU_TARGETS`. XLA:GPU gives no
+`cost_analysis()` there (bytes accessed and flops print n/a): the HBM bytes
+read from the HLO, the kernel count and the compile seconds are the figures.
+On a GPU VeLO's step is bound by its kernel launches, not by bandwidth (a
+10.5M-parameter update moves ~2 GB, about 0.4 ms at 4.8 TB/s, and took 7.3
+ms on an H200), so the number of fusions is the figure to watch.
+
 Pallas (Mosaic) custom calls: `cost_analysis()` counts 0 bytes for them; their
 operand and result bytes are read from the HLO and added to "bytes accessed"
 (the output says so when any are present).
@@ -86,6 +96,71 @@ from update_step import SQUARE_TREES, transformer_shapes, tree_shapes  # noqa: E
 
 # libtpu's accelerator type per TPU generation (only quiets its start-up logs).
 _ACCELERATOR_TYPES = {"v4": "v4-8", "v5e": "v5litepod-4", "v5p": "v5p-8", "v6e": "v6e-4"}
+
+# NVIDIA GPUs XLA:GPU compiles for without one (`--topology h100[:N]` /
+# `h200[:N]`: N GPUs of one host), from the vendors' datasheet figures:
+# (SMs, HBM bytes, HBM bytes/s, L2 bytes, SM clock GHz). The figures feed
+# XLA's cost model and fusion heuristics; compute capability 9.0.
+GPU_TARGETS = {
+    "h100": (
+        132,
+        85_520_809_984,
+        3_352_320_000_000,
+        52_428_800,
+        1.98,
+        "NVIDIA H100 80GB HBM3",
+    ),
+    "h200": (132, 150_754_820_096, 4_800_000_000_000, 52_428_800, 1.98, "NVIDIA H200"),
+}
+
+
+def gpu_target_config(name: str) -> str:
+    """XLA's GpuTargetConfig (text proto) of a GPU in `GPU_TARGETS`."""
+    sms, memory, bandwidth, l2, clock, description = GPU_TARGETS[name]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32
+  shared_memory_per_block: 49152 shared_memory_per_core: 233472
+  shared_memory_per_block_optin: 232448 threads_per_core_limit: 2048
+  core_count: {sms} fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth} l2_cache_size: {l2} clock_rate_ghz: {clock}
+  device_memory_size: {memory}
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{description}"
+"""
+
+
+def is_gpu_topology(topology: str) -> bool:
+    return topology.split(":")[0] in GPU_TARGETS
+
+
+def topology_devices(topology: str) -> list:
+    """The devices of a TPU topology (`v5e:2x2`) or of N GPUs of one host
+    (`h200:8`), none of which need be present."""
+    from jax.experimental import topologies
+
+    name, _, count = topology.partition(":")
+    if name not in GPU_TARGETS:
+        return list(topologies.get_topology_desc(topology, "tpu").devices)
+    try:
+        desc = topologies.get_topology_desc(
+            platform="cuda",
+            target_config=gpu_target_config(name),
+            topology=f"1x1x{int(count or 1)}",
+        )
+    except Exception as e:  # noqa: BLE001 - no CUDA plugin, or an old one
+        raise SystemExit(
+            f"--topology {topology}: compiling for a GPU without one needs jax's CUDA "
+            f'plugin (pip install "velo_scale[gpu-aot]", or "jax[cuda12]==<installed '
+            f'jax>"): {e}'
+        ) from e
+    return list(desc.devices)
+
 
 # Logical axis -> mesh axis, the usual T5X/MaxText 2-D (FSDP x TP) rules.
 LOGICAL_RULES = {
@@ -255,10 +330,10 @@ def default_mesh_shape(n: int) -> tuple[int, int]:
 def make_mesh(
     topology: str, mesh_shape: tuple[int, int] | None, n_devices: int | None = None
 ):
-    from jax.experimental import mesh_utils, topologies
+    from jax.experimental import mesh_utils
     from jax.sharding import Mesh
 
-    devices = topologies.get_topology_desc(topology, "tpu").devices
+    devices = topology_devices(topology)
     if n_devices:
         devices = devices[:n_devices]
     shape = mesh_shape or default_mesh_shape(len(devices))
@@ -657,6 +732,12 @@ def versions() -> dict[str, str]:
     except Exception:  # noqa: BLE001
         out["libtpu"] = "?"
     try:
+        from importlib.metadata import version
+
+        out["jax_cuda12_plugin"] = version("jax-cuda12-plugin")
+    except Exception:  # noqa: BLE001
+        pass
+    try:
         import optax
 
         out["optax"] = optax.__version__
@@ -843,6 +924,8 @@ def targets_table(rows: list[dict[str, dict]]) -> str | None:
     lines = ["| target | tree | measured | status |", "|---|---|---|---|"]
 
     def add(target, tree, value, limit, unit="x"):
+        if math.isnan(value):  # no cost_analysis (GPU targets)
+            return
         ok = value <= limit
         lines.append(
             f"| {target} | {tree} | {value:.1f}{unit} | {'met' if ok else '**missed**'} |"
@@ -883,11 +966,18 @@ def targets_table(rows: list[dict[str, dict]]) -> str | None:
 def print_report(payload: dict, fit: bool, kernels: bool = False) -> None:
     rows = payload["results"]
     meta = payload["meta"]
+    gpu = is_gpu_topology(meta["topology"])
+    backend = (
+        f"jax-cuda12-plugin {meta['versions'].get('jax_cuda12_plugin', '?')}"
+        if gpu
+        else f"libtpu {meta['versions']['libtpu']}"
+    )
     print(
-        f"TPU AOT: topology {meta['topology']} ({meta['devices']} chips, mesh "
+        f"{'GPU' if gpu else 'TPU'} AOT: topology {meta['topology']} ({meta['devices']} "
+        f"{'GPUs' if gpu else 'chips'}, mesh "
         f"fsdp x tensor = {meta['mesh']}), VeLO {meta.get('implementation', 'xla')}, "
         f"jax {meta['versions']['jax']}, "
-        f"libtpu {meta['versions']['libtpu']}, velo_scale "
+        f"{backend}, velo_scale "
         f"{meta['versions'].get('velo_scale_commit')}, {meta['date']}, host "
         f"{meta['host']}. Per chip; /param = per parameter element held by one chip."
     )
@@ -909,7 +999,7 @@ def print_report(payload: dict, fit: bool, kernels: bool = False) -> None:
                     print(f"\n{r['tree']}, {opt}. {r['kernels']}")
     targets = targets_table(rows)
     if targets:
-        print("\nIssue 13 targets (TPU):\n")
+        print(f"\nIssue 13 targets ({'GPU compile' if gpu else 'TPU'}):\n")
         print(targets)
     if fit:
         print()
@@ -964,6 +1054,11 @@ def main(argv: list[str] | None = None) -> None:
     # machine-wide lockfile; compiling ahead of time does not need it.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     mesh_shape = None
+    if is_gpu_topology(args.topology):
+        # The CUDA plugin compiles without a GPU when jax runs on the CPU
+        # backend and skips its check of the (absent) driver.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     if args.mesh:
         try:
             mesh_shape = tuple(int(x) for x in args.mesh.lower().split("x"))

@@ -136,8 +136,8 @@ def _phase_a_inputs(shape, seed=3):
 
 @pytest.mark.parametrize("shape", [(48, 80), (6, 5, 16), (200,), (1,)])
 def test_channel_mean_squares_cpu_form_equals_per_channel_form(shape):
-    # The CPU form reduces the small channels of one shape stacked and
-    # assembles one vector; XLA:TPU/GPU take one mean per channel.
+    # The CPU and GPU form reduces the small channels of one shape stacked
+    # and assembles one vector; XLA:TPU takes one mean per channel.
     from velo_scale._src import param_net
 
     p, g, acc = _phase_a_inputs(shape)
@@ -208,3 +208,67 @@ def test_cpu_phase_a_merged_is_the_same_sums_in_two_passes(shape):
         for sums, passes in ((velo_lib._phase_a_sums_merged, 2), (velo_lib._phase_a_sums, 3)):
             hlo = jax.jit(phase_a, static_argnums=0).lower(sums, p, g, acc).compile().as_text()
             assert _passes_reading(hlo, m_shape) == passes
+
+
+@pytest.mark.parametrize(
+    "shape", [(1024, 1024), (7,), (300, 1), (4, 3, 5, 7), (70_000,), (65_536,)]
+)
+def test_gpu_sums_equal_float64_sums(shape):
+    # The GPU form (run here on CPU): small arrays as one stacked reduction,
+    # large ones as the one-pass variadic reduction.
+    xs = _arrays(shape)
+    got = np.asarray(jax.jit(lambda *a: reductions._sums_gpu(list(a)))(*xs))
+    scale = np.array([np.sum(np.abs(x.astype(np.float64))) for x in xs])
+    assert got.shape == (3,)
+    np.testing.assert_array_less(np.abs(got - _exact(xs)) / scale, 2e-5)
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_gpu_sums_of_sharded_arrays_gather_nothing(big):
+    shape = (1024, 512) if big else (64, 32)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("fsdp", "tensor"))
+    sharding = NamedSharding(mesh, P("fsdp", "tensor"))
+    xs = [jax.device_put(x, sharding) for x in _arrays(shape)]
+    fn = jax.jit(lambda *a: reductions._sums_gpu(list(a)))
+    hlo = fn.lower(*xs).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    scale = np.array([np.sum(np.abs(np.asarray(x, np.float64))) for x in xs])
+    err = np.abs(np.asarray(fn(*xs)) - _exact([np.asarray(x) for x in xs])) / scale
+    np.testing.assert_array_less(err, 2e-5)
+
+
+def _with(x, index, value):
+    x = np.array(x)
+    x.reshape(-1)[index] = value
+    return x
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, None])
+@pytest.mark.parametrize("where", [0, 1, 2, 3])
+def test_gpu_finite_check_flags_every_nonfinite_leaf(bad, where):
+    # `x * 0` summed (the GPU form) is finite exactly when every element
+    # is: finite extremes give no false alarm, one bad element anywhere in
+    # any leaf (large, small, bf16, of a shape shared with another) is seen.
+    from velo_scale._src import velo as velo_lib
+
+    rng = np.random.RandomState(where)
+    f32max = np.finfo(np.float32).max
+    leaves = [
+        rng.uniform(-1, 1, (512, 300)).astype(np.float32) * f32max,
+        np.full((7,), f32max, np.float32),
+        jnp.asarray(rng.randn(64, 3), jnp.bfloat16),
+        rng.randn(7).astype(np.float32),
+    ]
+    leaves[0][0, 0] = -f32max
+    if bad is not None:
+        size = int(np.prod(leaves[where].shape))
+        leaves[where] = _with(np.asarray(leaves[where], np.float32), size // 2 + 1, bad)
+        if where == 2:
+            leaves[2] = jnp.asarray(leaves[2], jnp.bfloat16)
+    got = bool(jax.jit(lambda *a: velo_lib._all_finite_summed(*a))(*leaves))
+    assert got == (bad is None)
+    if bad is None:  # a finite float64 beyond float32's range is finite
+        with jax.enable_x64(True):
+            big = jnp.full((3,), 1e300, jnp.float64)
+            assert bool(jax.jit(velo_lib._all_finite_summed)(big))
+    assert got == bool(jax.jit(lambda *a: velo_lib._all_finite_each(*a))(*leaves))

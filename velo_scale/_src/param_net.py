@@ -86,10 +86,15 @@ def mean_squares(xs: list[jax.Array]) -> jax.Array:
     A channel broadcast along some axes (the factored row/column channels) has
     the mean square of its own smaller array, so it is reduced at that size.
     The full-size channels are summed together (`reductions.stacked_sums`:
-    one pass on CPU).
+    one pass on CPU). On CPU and GPU the small channels of one shape are
+    reduced as one stacked array; on TPU each alone (XLA:TPU fuses them).
     """
     return jax.lax.platform_dependent(
-        *xs, cpu=_mean_squares_stacked, default=_mean_squares_each
+        *xs,
+        cpu=_mean_squares_stacked,
+        cuda=_mean_squares_stacked,
+        rocm=_mean_squares_stacked,
+        default=_mean_squares_each,
     )
 
 
@@ -105,9 +110,10 @@ def _mean_squares_each(*xs: jax.Array) -> jax.Array:
 
 def _mean_squares_stacked(*xs: jax.Array) -> jax.Array:
     # XLA:CPU compiles a kernel for every small reduction and every scalar
-    # used alone (~60 per factored tensor with `_mean_squares_each`): the
-    # small channels of one shape are reduced as one stacked array and the
-    # result is assembled as one vector (~10 kernels).
+    # used alone (~60 per factored tensor with `_mean_squares_each`), and
+    # XLA:GPU launches one for each small reduction: the small channels of
+    # one shape are reduced as one stacked array and the result is
+    # assembled as one vector (~10 kernels).
     return mean_squares_and_sums(list(xs), [])[0]
 
 
@@ -259,7 +265,14 @@ def apply(
       acc: the updated accumulators.
     """
     chans = feature_channels(p, g, acc)
-    hidden = _dense(chans, w0, mlp["b0"])
+    hidden = jax.lax.platform_dependent(
+        chans,
+        w0,
+        mlp["b0"],
+        cuda=_dense_last_axis,
+        rocm=_dense_last_axis,
+        default=_dense,
+    )
     layers = num_hidden_layers(mlp)
     for layer in range(1, layers + 1):
         hidden = [jax.nn.relu(h) for h in hidden]
@@ -305,6 +318,31 @@ def update_bound(
     direction, magnitude = h[0], h[1]
     step = jnp.abs(scale) * (direction * jnp.exp(magnitude * EXP_MULT))
     return step + decoupled_weight_decay * max_abs[2]
+
+
+def _dense_last_axis(
+    xs: list[jax.Array], w: jax.Array, b: jax.Array
+) -> list[jax.Array]:
+    """`_dense` (the same products, summed in the same order) with the F
+    outputs on a last axis of size F: one multiply-add per input, not F.
+
+    XLA:GPU's fusion pass is slow on the F-fold larger graph (for the first
+    layer of every tensor: 30 x F scalar weights, each sliced, broadcast,
+    multiplied and added), about half of its compile time.
+    """
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(xs):
+        by_shape.setdefault(tuple(x.shape), []).append(i)
+    shapes = sorted(by_shape, key=lambda s: -int(np.prod(s)))
+    total = None
+    for shape in shapes:
+        part = None
+        for i in by_shape[shape]:
+            term = xs[i][..., None] * w[i]
+            part = term if part is None else part + term
+        total = part if total is None else total + part
+    out = total + b
+    return [out[..., j] for j in range(w.shape[1])]
 
 
 def _dense(xs: list[jax.Array], w: jax.Array, b: jax.Array) -> list[jax.Array]:

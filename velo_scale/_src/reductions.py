@@ -156,19 +156,44 @@ def _sums_cpu_vmap(axis_size, in_batched, *xs):
     return jnp.stack(out, axis=-1), True
 
 
+# XLA:GPU launches a kernel for every reduction it does not fuse with a
+# sibling. It splits a large reduction to a scalar in two (partial sums,
+# then a small reduction of them) and fuses the first stages of sibling
+# sums but not the second: k sums of a large tensor cost 1 + k kernels.
+# Arrays of at most this many elements are summed as one stacked array.
+GPU_STACKED_MAX_ELEMENTS = 1 << 16
+
+
+def _sums_each(xs: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.sum(x) for x in xs])
+
+
+def _sums_gpu(xs: list[jax.Array]) -> jax.Array:
+    # Two kernels for any k: the partial sums of each array over all its
+    # axes but the last (sibling reductions, fused into one multi-output
+    # reduction that reads their common inputs once), then one row
+    # reduction of the partials stacked. Small arrays go straight to the
+    # second (the stack is fused into the reduction's input, not copied).
+    if xs[0].size > GPU_STACKED_MAX_ELEMENTS:
+        return _sums_cpu(*xs) if ONE_PASS_SUPPORTED else _sums_each(xs)
+    return jnp.sum(jnp.stack(xs), axis=tuple(range(1, xs[0].ndim + 1)))
+
+
 def stacked_sums(xs: list[jax.Array]) -> jax.Array:
     """f32[k], the sum of each of the k same-shape f32 arrays: on CPU
     `sums_one_pass` (partitioned: per shard, then a psum; under vmap the
-    plain sums), elsewhere `jnp.sum` of each (resolved when lowering).
+    plain sums), on GPU small arrays as one stacked reduction, elsewhere
+    `jnp.sum` of each (resolved when lowering).
 
     Callers keep the result a vector: on XLA:CPU every scalar taken out of
     it and used alone becomes a kernel of its own to compile.
     """
-    if len(xs) < 2 or not ONE_PASS_SUPPORTED:
-        return jnp.stack([jnp.sum(x) for x in xs])
+    if len(xs) < 2:
+        return _sums_each(xs)
+    gpu = lambda: _sums_gpu(xs)  # noqa: E731
+    cpu = (lambda: _sums_cpu(*xs)) if ONE_PASS_SUPPORTED else (lambda: _sums_each(xs))
     return jax.lax.platform_dependent(
-        cpu=lambda: _sums_cpu(*xs),
-        default=lambda: jnp.stack([jnp.sum(x) for x in xs]),
+        cpu=cpu, cuda=gpu, rocm=gpu, default=lambda: _sums_each(xs)
     )
 
 

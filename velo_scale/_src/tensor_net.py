@@ -65,7 +65,13 @@ def tensor_statistics(p: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
       `rsqrt(max(1e-9, mean(p**2)))`. Means are over all axes of the tensor.
     """
     return jax.lax.platform_dependent(
-        p, m, v, cpu=_statistics_one_pass, default=_statistics
+        p,
+        m,
+        v,
+        cpu=_statistics_one_pass,
+        cuda=_statistics_one_pass,
+        rocm=_statistics_one_pass,
+        default=_statistics,
     )
 
 

@@ -25,7 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from velo_scale._src import accumulators, loss_features, param_net, tensor_net
+from velo_scale._src import (
+    accumulators,
+    loss_features,
+    param_net,
+    reductions,
+    tensor_net,
+)
 from velo_scale._src import weights as weights_lib
 from velo_scale._src.state import (
     AccumulationState,
@@ -172,12 +178,37 @@ def check_leaves(grads: Any, params: Any) -> None:
 
 def _all_finite(tree: Any) -> jax.Array:
     """bool[], whether every element of every floating leaf is finite."""
-    flags = [
-        jnp.all(jnp.isfinite(x))
+    leaves = [
+        x
         for x in jax.tree_util.tree_leaves(tree)
         if jnp.issubdtype(_dtype(x), jnp.inexact)
     ]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+    if not leaves:
+        return jnp.asarray(True)
+    gpu = _all_finite_summed
+    return jax.lax.platform_dependent(
+        *leaves, cuda=gpu, rocm=gpu, default=_all_finite_each
+    )
+
+
+def _all_finite_each(*leaves: jax.Array) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _all_finite_summed(*leaves: jax.Array) -> jax.Array:
+    # XLA:GPU launches one or two kernels per leaf for `_all_finite_each`.
+    # `x * 0` is 0 where x is finite and NaN where it is not, so a sum of
+    # them is finite exactly when every element is; the sums of leaves of
+    # one shape are one reduction (`reductions.stacked_sums`). The product
+    # is taken in the leaf's own dtype (a finite f64 may overflow f32).
+    by_shape: dict[tuple, list[jax.Array]] = {}
+    for x in leaves:
+        zero = x * 0
+        if jnp.iscomplexobj(zero):
+            zero = zero.real + zero.imag
+        by_shape.setdefault(x.shape, []).append(zero.astype(jnp.float32))
+    totals = [reductions.stacked_sums(xs) for xs in by_shape.values()]
+    return jnp.all(jnp.isfinite(jnp.concatenate(totals)))
 
 
 def init_state(
@@ -313,7 +344,14 @@ def velo_step(
     def phase_a(p, g, acc):
         new = param_net.update_accumulators(g, acc)
         stats, mean_sq = jax.lax.platform_dependent(
-            p, g, acc, new, cpu=_phase_a_sums_merged, default=_phase_a_sums
+            p,
+            g,
+            acc,
+            new,
+            cpu=_phase_a_sums_merged,
+            cuda=_phase_a_sums_merged,
+            rocm=_phase_a_sums_merged,
+            default=_phase_a_sums,
         )
         return stats, new, mean_sq
 
