@@ -112,8 +112,10 @@ def test_init_state_matches_reference(name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_params_every_step(name):
-    case = _case(name)
-    traj = _trajectory(name)
+    _assert_params_match(_case(name), _trajectory(name))
+
+
+def _assert_params_match(case, traj):
     for k in range(1, case.steps + 1):
         params, _, _ = traj[k]
         _assert_tree_close(params, case, f"step{k}/params", TOL["params"], f"step {k}")
@@ -121,8 +123,10 @@ def test_params_every_step(name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_state_every_step(name):
-    case = _case(name)
-    traj = _trajectory(name)
+    _assert_state_matches(_case(name), _trajectory(name))
+
+
+def _assert_state_matches(case, traj):
     for k in range(1, case.steps + 1):
         _, state, _ = traj[k]
         s = f"step{k}"
@@ -171,6 +175,23 @@ def test_intermediates_every_step(name):
                 **TOL[field],
                 err_msg=f"{name} {s} {field}",
             )
+
+
+def _gpu_branch(*args, default=None, **branches):
+    """`lax.platform_dependent` taking the GPU (`cuda`) branch on any backend."""
+    return branches.get("cuda", default)(*args)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_gpu_forms_match_reference(name, monkeypatch):
+    # The XLA:GPU forms (one-pass sums, the finite check as sums of x * 0,
+    # the first MLP layer on a last axis), run here on CPU: the same
+    # tolerances against the reference as the CPU path.
+    monkeypatch.setattr(jax.lax, "platform_dependent", _gpu_branch)
+    case = _case(name)
+    traj = run_case(case, reference_data.load_theta())
+    _assert_params_match(case, traj)
+    _assert_state_matches(case, traj)
 
 
 def test_parity_without_jit(theta):

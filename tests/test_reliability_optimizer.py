@@ -25,6 +25,16 @@ def tx(theta):
     return velo_scale.velo(20, weights=theta)
 
 
+@pytest.fixture(params=["native", "gpu"])
+def forms(request, monkeypatch):
+    """The backend's own forms, or the XLA:GPU ones run here on CPU."""
+    if request.param == "gpu":
+        from tests.test_parity import _gpu_branch
+
+        monkeypatch.setattr(jax.lax, "platform_dependent", _gpu_branch)
+    return request.param
+
+
 def _params():
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
     return {
@@ -76,7 +86,7 @@ def _poison(tree, value):
 @pytest.mark.parametrize(
     "fault", ["nan_loss", "inf_loss", "nan_grad", "inf_grad", "neg_inf_grad"]
 )
-def test_nonfinite_step_is_a_noop_and_run_continues_as_without_it(tx, fault):
+def test_nonfinite_step_is_a_noop_and_run_continues_as_without_it(tx, fault, forms):
     params = _params()
     clean = [(_grads(params, k), 1.0 / (k + 1)) for k in range(5)]
     bad_grads, bad_loss = _grads(params, 99), 0.7
@@ -102,7 +112,7 @@ def test_nonfinite_step_is_a_noop_and_run_continues_as_without_it(tx, fault):
     )
 
 
-def test_nonfinite_update_is_a_noop(tx, theta):
+def test_nonfinite_update_is_a_noop(tx, theta, forms):
     # Finite params whose mean square overflows float32 (|w| = 1e20): the
     # step size, hence the update, is not finite although every input is.
     params = _params()
