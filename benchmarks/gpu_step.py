@@ -38,6 +38,15 @@ so the repo runs from its root without installing), as one command with
       --json $OUT/gpu_step.json 2>&1 | tee $OUT/gpu_step.log
 The JSON is rewritten after each tree and after the ViT part, so a run cut
 short still returns what it measured.
+
+Budget (session 33, H200, code before 1b8eb32): VeLO's compile was 25.5 s
+on `10m` and ran past 220 s on `transformer`; the ViT part did not finish
+in 300 s. XLA:GPU compiles without a GPU here (`tpu_aot.py --topology
+h200`): the transformer now takes ~100 s on a 2-core host. Run the parts
+as separate invocations inside the one `run` call, most wanted first, each
+under its own `timeout`, with `--repeats 10`:
+  ... gpu_step.py --trees 10m --repeats 10 --json $OUT/a.json   # + ViT
+  ... gpu_step.py --trees transformer --skip-vit --repeats 10 --json $OUT/b.json
 """
 
 from __future__ import annotations
