@@ -724,18 +724,16 @@ def analyse_hlo(hlo: str, local_params: int) -> dict[str, Any]:
 def versions() -> dict[str, str]:
     import jax
 
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"jax": jax.__version__, "python": platform.python_version()}
     try:
-        from importlib.metadata import version
-
         out["libtpu"] = version("libtpu")
-    except Exception:  # noqa: BLE001
+    except PackageNotFoundError:
         out["libtpu"] = "?"
     try:
-        from importlib.metadata import version
-
         out["jax_cuda12_plugin"] = version("jax-cuda12-plugin")
-    except Exception:  # noqa: BLE001
+    except PackageNotFoundError:
         pass
     try:
         import optax

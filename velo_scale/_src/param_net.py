@@ -330,18 +330,7 @@ def _dense_last_axis(
     layer of every tensor: 30 x F scalar weights, each sliced, broadcast,
     multiplied and added), about half of its compile time.
     """
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, x in enumerate(xs):
-        by_shape.setdefault(tuple(x.shape), []).append(i)
-    shapes = sorted(by_shape, key=lambda s: -int(np.prod(s)))
-    total = None
-    for shape in shapes:
-        part = None
-        for i in by_shape[shape]:
-            term = xs[i][..., None] * w[i]
-            part = term if part is None else part + term
-        total = part if total is None else total + part
-    out = total + b
+    out = _sum_by_shape(xs, lambda i: xs[i][..., None] * w[i]) + b
     return [out[..., j] for j in range(w.shape[1])]
 
 
@@ -352,18 +341,22 @@ def _dense(xs: list[jax.Array], w: jax.Array, b: jax.Array) -> list[jax.Array]:
     summed among themselves first, at their own small size, so the full-size
     pass only adds one term per vector shape.
     """
+    return [
+        _sum_by_shape(xs, lambda i, j=j: xs[i] * w[i, j]) + b[j]
+        for j in range(w.shape[1])
+    ]
+
+
+def _sum_by_shape(xs: list[jax.Array], term) -> jax.Array:
+    """`sum_i term(i)`, the terms of channels of one shape summed first (in
+    index order), the shapes' partial sums then added largest first."""
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, x in enumerate(xs):
         by_shape.setdefault(tuple(x.shape), []).append(i)
-    shapes = sorted(by_shape, key=lambda s: -int(np.prod(s)))
-    outs = []
-    for j in range(w.shape[1]):
-        total = None
-        for shape in shapes:
-            part = None
-            for i in by_shape[shape]:
-                term = xs[i] * w[i, j]
-                part = term if part is None else part + term
-            total = part if total is None else total + part
-        outs.append(total + b[j])
-    return outs
+    total = None
+    for shape in sorted(by_shape, key=lambda s: -int(np.prod(s))):
+        part = None
+        for i in by_shape[shape]:
+            part = term(i) if part is None else part + term(i)
+        total = part if total is None else total + part
+    return total

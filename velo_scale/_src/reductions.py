@@ -169,11 +169,10 @@ def _sums_each(xs: list[jax.Array]) -> jax.Array:
 
 
 def _sums_gpu(xs: list[jax.Array]) -> jax.Array:
-    # Two kernels for any k: the partial sums of each array over all its
-    # axes but the last (sibling reductions, fused into one multi-output
-    # reduction that reads their common inputs once), then one row
-    # reduction of the partials stacked. Small arrays go straight to the
-    # second (the stack is fused into the reduction's input, not copied).
+    # Large arrays: the one-pass variadic reduction of the CPU path (reads
+    # their common inputs once; two kernels for any k). Small arrays: one
+    # row reduction of the k arrays stacked (the stack is fused into the
+    # reduction's input, not copied).
     if xs[0].size > GPU_STACKED_MAX_ELEMENTS:
         return _sums_cpu(*xs) if ONE_PASS_SUPPORTED else _sums_each(xs)
     return jnp.sum(jnp.stack(xs), axis=tuple(range(1, xs[0].ndim + 1)))

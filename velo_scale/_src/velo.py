@@ -185,9 +185,11 @@ def _all_finite(tree: Any) -> jax.Array:
     ]
     if not leaves:
         return jnp.asarray(True)
-    gpu = _all_finite_summed
     return jax.lax.platform_dependent(
-        *leaves, cuda=gpu, rocm=gpu, default=_all_finite_each
+        *leaves,
+        cuda=_all_finite_summed,
+        rocm=_all_finite_summed,
+        default=_all_finite_each,
     )
 
 
